@@ -1,0 +1,122 @@
+"""Frozen Qwen3 text encoder with the Ovis prompt template.
+
+`OvisTextEncoder.encode` reproduces `OvisImagePipeline.encode_prompt` exactly: the system prompt is
+prepended to the user prompt, the Qwen3 chat template is applied without thinking, the sequence is
+padded/truncated to `max_sequence_length + prefix_tokens`, the final hidden states are zeroed on padding
+and the template prefix tokens are stripped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+from lit_ovis.errors import CheckpointError
+from lit_ovis.models.presets import TEXT_ENCODER_PRESETS, TINY_SEED
+from lit_ovis.models.tokenizer import build_byte_tokenizer
+
+# Same wording as the released pipeline; the model was trained with it.
+OVIS_SYSTEM_PROMPT = (
+    "Describe the image by detailing the color, quantity, text, shape, size, texture, spatial relationships "
+    "of the objects and background: "
+)
+# Tokens of "<|im_start|>user\n" + system prompt under the Qwen tokenizer; they are cut from the output.
+OVIS_PREFIX_TOKENS = 28
+MAX_SEQUENCE_LENGTH = 256
+
+
+def text_ids(seq_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Position ids [L, 3] = (0, i, i) of the text tokens, as the pipeline builds them."""
+    pos = torch.arange(seq_len)
+    return torch.stack([torch.zeros_like(pos), pos, pos], dim=-1).to(device=device, dtype=dtype)
+
+
+class OvisTextEncoder(nn.Module):
+    def __init__(
+        self,
+        model: Qwen3Model,
+        tokenizer,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        prefix_tokens: int = OVIS_PREFIX_TOKENS,
+        system_prompt: str = OVIS_SYSTEM_PROMPT,
+    ):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_sequence_length = max_sequence_length
+        self.prefix_tokens = prefix_tokens
+        self.system_prompt = system_prompt
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def train(self, mode: bool = True):  # frozen: always eval
+        return super().train(False)
+
+    def format(self, prompts: list[str]) -> list[str]:
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": self.system_prompt + p}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=False,
+            )
+            for p in prompts
+        ]
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            self.format(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_sequence_length + self.prefix_tokens,
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str) -> torch.Tensor:
+        """Prompts -> embeddings [B, max_sequence_length, hidden] (zeros on padding)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        device = next(self.model.parameters()).device
+        tokens = self.tokenize(prompts)
+        input_ids = tokens.input_ids.to(device)
+        mask = tokens.attention_mask.to(device)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        hidden = hidden * mask[..., None]
+        return hidden[:, self.prefix_tokens :, :]
+
+
+def build_text_encoder(
+    source: str = "tiny",
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    dtype: torch.dtype = torch.float32,
+) -> OvisTextEncoder:
+    """`source`: a preset (`tiny`; `ovis2.5-2b` random init) or a diffusers pipeline folder / hub id that has
+    `text_encoder/` and `tokenizer/` subfolders (e.g. AIDC-AI/Ovis-Image-7B)."""
+    if source in TEXT_ENCODER_PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = Qwen3Model(Qwen3Config(**TEXT_ENCODER_PRESETS[source]))
+        if source != "tiny":
+            raise CheckpointError(
+                f"text encoder preset '{source}' has no tokenizer offline; set --model.encoders.text_encoder to a "
+                "folder with text_encoder/ and tokenizer/ (e.g. a local copy of AIDC-AI/Ovis-Image-7B)"
+            )
+        return OvisTextEncoder(model.to(dtype), build_byte_tokenizer(), max_sequence_length)
+    path = Path(source)
+    enc_sub = "text_encoder" if (path / "text_encoder").is_dir() or not path.exists() else None
+    tok_sub = "tokenizer" if (path / "tokenizer").is_dir() or not path.exists() else None
+    try:
+        model = Qwen3Model.from_pretrained(source, subfolder=enc_sub or "", torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder=tok_sub or "")
+    except OSError as err:
+        raise CheckpointError(
+            f"{source}: could not load the text encoder ({str(err).splitlines()[0]}); set "
+            "--model.encoders.text_encoder to 'tiny', a local pipeline folder or a cached hub id"
+        ) from None
+    return OvisTextEncoder(model, tokenizer, max_sequence_length)

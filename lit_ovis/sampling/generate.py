@@ -1,0 +1,98 @@
+"""Prompt -> image generation built from the pure pieces (encoder, noise, schedule, Euler, VAE).
+
+Used by every stage module's `sample()`, the sample-grid callback, `predict` and `eval`. With the same
+weights, prompt and seed it returns what `OvisImagePipeline` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lit_ovis.models.text_encoder import OvisTextEncoder, text_ids
+from lit_ovis.models.vae import FluxVAE, latent_image_ids, latent_size, pack_latents, unpack_latents
+from lit_ovis.sampling.ode import euler_sample, sigma_schedule
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults equal the released pipeline's (1024x1024, 50 steps, CFG 5, empty negative prompt)."""
+
+    steps: int = 50
+    guidance_scale: float = 5.0
+    height: int = 1024
+    width: int = 1024
+    negative_prompt: str = ""
+    batch_cfg: bool = True
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+
+def initial_noise(
+    batch: int, height: int, width: int, generator: torch.Generator | None, device=None, dtype=torch.float32,
+    channels: int = 16,
+) -> torch.Tensor:
+    """Packed Gaussian noise drawn exactly like the pipeline (unpacked [B,16,h,w] draw, then packed)."""
+    h, w = latent_size(height, width)
+    gen_device = generator.device if generator is not None else device
+    noise = torch.randn((batch, channels, h, w), generator=generator, device=gen_device, dtype=dtype)
+    return pack_latents(noise.to(device))
+
+
+@torch.no_grad()
+def generate_latents(
+    transformer,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    height: int,
+    width: int,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample unpacked normalised latents [B, 16, h, w] from text embeddings."""
+    device, dtype = prompt_embeds.device, prompt_embeds.dtype
+    b = prompt_embeds.shape[0]
+    if noise is None:
+        noise = initial_noise(b, height, width, generator, device=device, dtype=dtype)
+    h, w = latent_size(height, width)
+    img_ids = latent_image_ids(h, w, device=device, dtype=dtype)
+    txt = text_ids(prompt_embeds.shape[1], device=device, dtype=dtype)
+    sigmas = sigma_schedule(cfg.steps, noise.shape[1], cfg.base_seq_len, cfg.max_seq_len, cfg.base_shift, cfg.max_shift)
+    packed = euler_sample(
+        transformer, noise, prompt_embeds, txt, img_ids, sigmas,
+        negative_embeds=negative_embeds, guidance_scale=cfg.guidance_scale, batch_cfg=cfg.batch_cfg,
+    )
+    return unpack_latents(packed, h, w)
+
+
+@torch.no_grad()
+def generate_images(
+    transformer,
+    text_encoder: OvisTextEncoder,
+    vae: FluxVAE,
+    prompts: list[str],
+    cfg: SamplingConfig,
+    seed: int | list[int] = 0,
+    height: int | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """Prompts -> images [B, 3, H, W] in [0, 1]. One seed per prompt (or a base seed, incremented)."""
+    height, width = height or cfg.height, width or cfg.width
+    device = next(transformer.parameters()).device
+    seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
+    embeds = text_encoder.encode(prompts).to(device)
+    negative = None
+    if cfg.guidance_scale > 1.0:
+        negative = text_encoder.encode([cfg.negative_prompt] * len(prompts)).to(device)
+    # One generator per sample so an image does not depend on its batch neighbours.
+    noise = torch.cat([
+        initial_noise(1, height, width, torch.Generator("cpu").manual_seed(s), device=device, dtype=embeds.dtype)
+        for s in seeds
+    ])
+    latents = generate_latents(transformer, embeds, negative, height, width, cfg, noise=noise)
+    images = vae.decode(latents.to(next(vae.parameters()).device))
+    return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models built from configs (no downloads), on CPU, deterministic."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from lit_ovis.models.backbone import build_backbone
+
+    return build_backbone("tiny").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder():
+    from lit_ovis.models.text_encoder import build_text_encoder
+
+    return build_text_encoder("tiny", max_sequence_length=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae():
+    from lit_ovis.models.vae import build_vae
+
+    return build_vae("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_backbone, tiny_text_encoder, tiny_vae):
+    from lit_ovis.cli.export import build_pipeline
+    from lit_ovis.sampling.generate import SamplingConfig
+
+    return build_pipeline(tiny_backbone, tiny_text_encoder, tiny_vae, SamplingConfig())
