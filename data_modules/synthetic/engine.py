@@ -1,0 +1,169 @@
+"""Synthetic text-rendering engine: images that contain English or Chinese text, with a caption that
+quotes the rendered text exactly (the report's synthetic text data). Deterministic per (seed, index).
+
+Variation: fonts (installed Latin and CJK TrueType fonts), sizes, colours, backgrounds (solid,
+gradient, noise, photo-like texture), layouts (poster, title card, label, UI button, paragraph) and
+aspect ratios.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from data_modules.synthetic.vocab import COLOURS, EN_WORDS, ZH_PHRASES
+
+LAYOUTS = ("poster", "title_card", "label", "button", "paragraph")
+BACKGROUNDS = ("solid", "gradient", "noise", "texture")
+ASPECT_RATIOS = (1.0, 0.75, 4 / 3, 0.5, 2.0, 9 / 16, 16 / 9)
+
+_LATIN_GLOBS = ["/usr/share/fonts/truetype/dejavu/*.ttf", "/usr/share/fonts/truetype/liberation*/*.ttf"]
+_CJK_GLOBS = ["/usr/share/fonts/truetype/wqy/*.tt[fc]", "/usr/share/fonts/opentype/noto/*CJK*.tt[fc]"]
+
+
+def _find(globs: list[str]) -> list[str]:
+    return sorted({p for g in globs for p in glob.glob(g)})
+
+
+@dataclass
+class RenderedSample:
+    image: Image.Image
+    caption: str
+    text: str
+    language: str
+    layout: str
+    background: str
+    meta: dict = field(default_factory=dict)
+
+
+class TextRenderingEngine:
+    def __init__(self, seed: int = 0, base_size: int = 256, zh_fraction: float = 0.4, fonts_latin=None, fonts_cjk=None):
+        self.seed = seed
+        self.base_size = base_size
+        self.latin_fonts = list(fonts_latin) if fonts_latin is not None else _find(_LATIN_GLOBS)
+        self.cjk_fonts = list(fonts_cjk) if fonts_cjk is not None else _find(_CJK_GLOBS)
+        self.zh_fraction = zh_fraction if self.cjk_fonts else 0.0
+        if not self.latin_fonts and not self.cjk_fonts:
+            raise RuntimeError("no TrueType fonts found; install fonts-dejavu-core (and fonts-wqy-microhei for Chinese)")
+        if not self.cjk_fonts and zh_fraction > 0:
+            warnings.warn("no CJK font found (install fonts-wqy-microhei): rendering English text only", stacklevel=2)
+
+    # ------------------------------------------------------------------------------------------ text
+    def _text(self, rng: random.Random, language: str, layout: str) -> str:
+        if language == "zh":
+            n = {"paragraph": 3, "poster": 2}.get(layout, 1)
+            return "".join(rng.choice(ZH_PHRASES) for _ in range(n))
+        n = {"label": 1, "button": rng.randint(1, 2), "paragraph": rng.randint(5, 8)}.get(layout, rng.randint(1, 3))
+        words = [rng.choice(EN_WORDS) for _ in range(n)]
+        style = rng.random()
+        text = " ".join(words)
+        if layout != "paragraph" and style < 0.5:
+            return text.upper()
+        return text.capitalize() if style < 0.8 else text
+
+    # ----------------------------------------------------------------------------------- backgrounds
+    def _background(self, rng: random.Random, size: tuple[int, int], kind: str, colour) -> Image.Image:
+        w, h = size
+        nrng = np.random.default_rng(rng.randrange(2**32))
+        if kind == "solid":
+            return Image.new("RGB", size, colour)
+        if kind == "gradient":
+            other = tuple(int(c) for c in nrng.integers(0, 256, 3))
+            angle = rng.uniform(0, math.pi)
+            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+            proj = xx * math.cos(angle) + yy * math.sin(angle)
+            a = ((proj - proj.min()) / max(float(np.ptp(proj)), 1e-6))[..., None]
+            arr = (1 - a) * np.array(colour, np.float32) + a * np.array(other, np.float32)
+            return Image.fromarray(arr.astype(np.uint8))
+        if kind == "noise":
+            arr = np.array(colour, np.float32) + nrng.normal(0, 28, (h, w, 3))
+            return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+        # "texture": smooth multi-scale noise, photo-like blotches
+        arr = np.zeros((h, w, 3), np.float32)
+        for scale, amp in ((8, 60), (32, 30), (128, 12)):
+            small = nrng.normal(0, 1, (max(2, h // scale), max(2, w // scale), 3))
+            up = np.asarray(Image.fromarray(((small - small.min()) / (np.ptp(small) + 1e-6) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
+            arr += (up - 128) / 128 * amp
+        arr += np.array(colour, np.float32)
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
+
+    # ---------------------------------------------------------------------------------------- render
+    def _font(self, rng: random.Random, language: str, size: int):
+        pool = self.cjk_fonts if language == "zh" or not self.latin_fonts else self.latin_fonts
+        return ImageFont.truetype(rng.choice(pool), size)
+
+    @staticmethod
+    def _wrap(draw, text: str, font, max_width: int, language: str) -> list[str]:
+        units = list(text) if language == "zh" else text.split(" ")
+        joiner = "" if language == "zh" else " "
+        lines, line = [], ""
+        for u in units:
+            trial = u if not line else line + joiner + u
+            if draw.textlength(trial, font=font) <= max_width or not line:
+                line = trial
+            else:
+                lines.append(line)
+                line = u
+        if line:
+            lines.append(line)
+        return lines
+
+    def render(self, index: int, aspect_ratio: float | None = None, language: str | None = None, text: str | None = None) -> RenderedSample:
+        rng = random.Random(f"{self.seed}-{index}")
+        language = language or ("zh" if rng.random() < self.zh_fraction else "en")
+        layout = rng.choice(LAYOUTS)
+        background = rng.choice(BACKGROUNDS)
+        ar = aspect_ratio or rng.choice(ASPECT_RATIOS)
+        w = int(round(self.base_size * math.sqrt(ar)))
+        h = int(round(self.base_size / math.sqrt(ar)))
+        bg_name = rng.choice(sorted(COLOURS))
+        bg = COLOURS[bg_name][0]
+        text = text if text is not None else self._text(rng, language, layout)
+        image = self._background(rng, (w, h), background, bg)
+        draw = ImageDraw.Draw(image)
+        # Text colour: the named colour with the best contrast against the background.
+        fg_name = max(sorted(COLOURS), key=lambda n: sum(abs(a - b) for a, b in zip(COLOURS[n][0], bg)) + rng.random() * 60)
+        fg = COLOURS[fg_name][0]
+        margin = int(min(w, h) * 0.08)
+        size = max(10, int(min(w, h) * {"poster": 0.22, "title_card": 0.18, "label": 0.2, "button": 0.14, "paragraph": 0.09}[layout]))
+        font = self._font(rng, language, size)
+        lines = self._wrap(draw, text, font, w - 2 * margin, language)
+        while size > 10 and (len(lines) * size * 1.25 > h - 2 * margin or max(draw.textlength(line, font=font) for line in lines) > w - 2 * margin):
+            size = int(size * 0.85)
+            font = ImageFont.truetype(font.path, size)
+            lines = self._wrap(draw, text, font, w - 2 * margin, language)
+        line_h = int(size * 1.25)
+        block_h = line_h * len(lines)
+        y = (h - block_h) // 2 if layout != "title_card" else margin
+        if layout == "button":
+            bw = max(draw.textlength(line, font=font) for line in lines) + 2 * size
+            x0, y0 = (w - bw) / 2, (h - block_h) / 2 - size * 0.4
+            draw.rounded_rectangle([x0, y0, x0 + bw, y0 + block_h + size * 0.8], radius=size // 2, fill=fg)
+            # Text takes the background colour; the surface described in the caption is the button.
+            fg_name, fg, bg_name = bg_name, bg, fg_name
+        if layout == "label":
+            draw.rectangle([margin // 2, margin // 2, w - margin // 2, h - margin // 2], outline=fg, width=max(2, size // 8))
+        for line in lines:
+            tw = draw.textlength(line, font=font)
+            x = margin if layout == "paragraph" else (w - tw) / 2
+            draw.text((x, y), line, font=font, fill=fg)
+            y += line_h
+        caption = self.caption(rng, text, language, layout, background, fg_name, bg_name)
+        return RenderedSample(image, caption, text, language, layout, background, {"index": index, "font": font.path, "aspect_ratio": w / h})
+
+    @staticmethod
+    def caption(rng: random.Random, text: str, language: str, layout: str, background: str, fg: str, bg: str) -> str:
+        """A caption that quotes the rendered text exactly (EN template, or ZH template for ZH text)."""
+        if language == "zh":
+            kind = {"poster": "海报", "title_card": "标题卡", "label": "标签", "button": "界面按钮", "paragraph": "文字段落"}[layout]
+            return f'一张{kind}，{COLOURS[bg][1]}背景上用{COLOURS[fg][1]}文字写着"{text}"'
+        kind = {"poster": "A poster", "title_card": "A title card", "label": "A label", "button": "A UI button", "paragraph": "A paragraph of text"}[layout]
+        bg_desc = {"solid": f"a plain {bg}", "gradient": f"a {bg} gradient", "noise": f"a grainy {bg}", "texture": f"a textured {bg}"}[background]
+        verb = rng.choice(["with the text", "that says", "reading"])
+        return f'{kind} {verb} "{text}" in {fg} letters on {bg_desc} background'

@@ -1,0 +1,57 @@
+"""Reading training checkpoints: single-file Lightning `.ckpt` or sharded DCP directories.
+
+Returns the backbone weights in diffusers key layout (optionally the EMA weights) and the module's
+hyper-parameters, so export and eval need no stage-specific code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_ovis.errors import CheckpointError
+
+BACKBONE_PREFIX = "backbone."
+EMA_PREFIX = "ema."
+
+
+def _load_file(path: Path) -> dict[str, Any]:
+    try:
+        # Lightning checkpoints hold the dataclass hyper-parameters, so a full unpickle is needed.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any failure to decode means a corrupt or foreign file
+        raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(err).__name__}); use an earlier checkpoint or re-run training") from None
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a `.ckpt` file or a sharded checkpoint directory into one in-memory checkpoint dict."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint not found; pass a .ckpt file or a sharded checkpoint directory")
+    if p.is_dir():
+        from lit_ovis.cli.consolidate import load_sharded_checkpoint
+
+        return load_sharded_checkpoint(p)
+    return _load_file(p)
+
+
+def backbone_state_dict(checkpoint: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError("checkpoint has no 'state_dict'; is it a lit-ovis training checkpoint?")
+    weights = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    if not weights:
+        raise CheckpointError("checkpoint holds no backbone weights (no 'backbone.' keys); is it a lit-ovis training checkpoint?")
+    if use_ema:
+        ema = {k[len(EMA_PREFIX):].replace("__", "."): v for k, v in state.items() if k.startswith(EMA_PREFIX)}
+        if not ema:
+            raise CheckpointError("--use_ema was given but the checkpoint has no EMA weights (train with --model.ema.enabled true)")
+        weights.update({k: v.to(weights[k].dtype) for k, v in ema.items() if k in weights})
+    return weights
+
+
+def hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return dict(checkpoint.get("hyper_parameters") or {})

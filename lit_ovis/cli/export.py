@@ -1,0 +1,106 @@
+"""`lit-ovis export`: training checkpoint -> diffusers folder that `OvisImagePipeline.from_pretrained` opens.
+
+The backbone is already stored in diffusers key layout, so this is a rename: strip `backbone.`, attach
+the frozen text encoder, tokenizer and VAE the run used, and the pipeline's scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
+
+from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
+from lit_ovis.errors import CheckpointError
+from lit_ovis.models.backbone import build_backbone
+from lit_ovis.models.text_encoder import build_text_encoder
+from lit_ovis.models.vae import build_vae
+from lit_ovis.modules.config import BackboneConfig, EncoderConfig
+from lit_ovis.sampling.generate import SamplingConfig
+
+
+def _cfg(hparams: dict, key: str, cls):
+    value = hparams.get(key)
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return cls(**value)
+    return value
+
+
+def scheduler_for(sampling: SamplingConfig) -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=sampling.base_shift,
+        max_shift=sampling.max_shift,
+        base_image_seq_len=sampling.base_seq_len,
+        max_image_seq_len=sampling.max_seq_len,
+    )
+
+
+def build_pipeline(transformer, text_encoder, vae, sampling: SamplingConfig) -> OvisImagePipeline:
+    return OvisImagePipeline(
+        scheduler=scheduler_for(sampling), vae=vae.vae, text_encoder=text_encoder.model,
+        tokenizer=text_encoder.tokenizer, transformer=transformer,
+    )
+
+
+def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = False, dtype: str = "fp32") -> Path:
+    ckpt = load_training_checkpoint(checkpoint_path)
+    hp = hyper_parameters(ckpt)
+    backbone_cfg = _cfg(hp, "backbone", BackboneConfig)
+    encoders = _cfg(hp, "encoders", EncoderConfig)
+    sampling = _cfg(hp, "sampling", SamplingConfig)
+    transformer = build_backbone(backbone_cfg.preset)
+    weights = backbone_state_dict(ckpt, use_ema=use_ema)
+    missing, unexpected = transformer.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint_path}: backbone weights do not match preset '{backbone_cfg.preset}' "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
+        )
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    pipe = build_pipeline(
+        transformer.to(torch_dtype),
+        build_text_encoder(encoders.text_encoder, encoders.max_sequence_length, dtype=torch_dtype),
+        build_vae(encoders.vae, dtype=torch_dtype),
+        sampling,
+    )
+    # Write next to the target and rename, so an interrupted export never leaves a half folder behind.
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lit-ovis export", description=__doc__)
+    parser.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint directory")
+    parser.add_argument("output_dir", help="diffusers folder to write (replaced atomically if it exists)")
+    parser.add_argument("--use_ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.output_dir, args.use_ema, args.dtype)
+    except CheckpointError as err:
+        print(f"error: {err}")
+        return 2
+    print(f"exported {args.checkpoint} -> {out} (open with OvisImagePipeline.from_pretrained)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""The base LightningModule every stage shares: owns the trainable MMDiT backbone, the frozen text
+encoder and VAE, the optimizer and schedule, EMA, sharding hooks and `sample()`.
+
+Frozen models live outside the module tree (see `_frozen`): they never enter the optimizer and are never
+saved in training checkpoints (they are rebuilt from their config source), so a checkpoint holds the
+backbone in diffusers key layout under `backbone.` and export is a rename, not a conversion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lit_ovis.ema import EMA
+from lit_ovis.models.backbone import build_backbone
+from lit_ovis.models.text_encoder import build_text_encoder, text_ids
+from lit_ovis.models.vae import build_vae, latent_image_ids
+from lit_ovis.modules.config import DTYPES, BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
+from lit_ovis.parallel.fsdp import ParallelConfig, parallelize_module
+from lit_ovis.parallel.optim import make_adamw
+from lit_ovis.sampling.generate import SamplingConfig, generate_images
+
+
+class OvisBaseModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: BackboneConfig = BackboneConfig(),
+        encoders: EncoderConfig = EncoderConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        ema: EMAConfig = EMAConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        parallel: ParallelConfig = ParallelConfig(),
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone_cfg = backbone
+        self.encoders_cfg = encoders
+        self.optim_cfg = optimizer
+        self.ema_cfg = ema
+        self.sampling_cfg = sampling
+        self.parallel = parallel
+        self.backbone: torch.nn.Module | None = None
+        self.ema: EMA | None = None
+        self._frozen: dict[str, torch.nn.Module] = {}
+        self._empty_embed: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------- models
+    @property
+    def text_encoder(self):
+        return self._frozen.get("text_encoder")
+
+    @property
+    def vae(self):
+        return self._frozen.get("vae")
+
+    def build_frozen(self) -> None:
+        """Text encoder and VAE (frozen); stages add their reference model here."""
+        dtype = getattr(torch, DTYPES[self.encoders_cfg.dtype])
+        self._frozen["text_encoder"] = build_text_encoder(
+            self.encoders_cfg.text_encoder, self.encoders_cfg.max_sequence_length, dtype=dtype
+        )
+        self._frozen["vae"] = build_vae(self.encoders_cfg.vae, dtype=dtype)
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:  # Lightning may call this more than once
+            return
+        self.backbone = build_backbone(self.backbone_cfg.preset, self.backbone_cfg.pretrained)
+        self.build_frozen()
+        self.place_frozen()
+        if self.device_mesh is not None:
+            parallelize_module(self, self.device_mesh, self.parallel)
+        elif self.parallel.activation_checkpointing != "none" or self.parallel.compile:
+            parallelize_module(self, None, self.parallel)
+        if self.ema_cfg.enabled:
+            self.ema = EMA(self.backbone, self.ema_cfg.decay)
+
+    @property
+    def device_mesh(self):
+        try:
+            return super().device_mesh
+        except (AttributeError, RuntimeError):
+            return None
+
+    def place_frozen(self) -> None:
+        """Move frozen models to this module's device (Lightning only moves registered submodules)."""
+        device = self.device
+        for module in self._frozen.values():
+            p = next(module.parameters(), None)
+            if p is not None and not hasattr(p, "device_mesh") and p.device != device:
+                module.to(device)
+
+    def on_fit_start(self) -> None:
+        self.place_frozen()
+
+    def on_predict_start(self) -> None:
+        self.place_frozen()
+
+    def on_validation_start(self) -> None:
+        self.place_frozen()
+
+    # ------------------------------------------------------------------------------------ text / ids
+    def embed_prompts(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Prompt embeddings [B, L, D]: precomputed ones zero-padded to the encoder length, else encoded now."""
+        length = self.encoders_cfg.max_sequence_length
+        embeds = batch.get("prompt_embeds")
+        if embeds is None:
+            return self.text_encoder.encode(batch["captions"]).to(self.device, self.compute_dtype)
+        embeds = embeds[:, :length]
+        if embeds.shape[1] < length:  # padding positions are exactly zero in the pipeline too
+            embeds = F.pad(embeds, (0, 0, 0, length - embeds.shape[1]))
+        return embeds.to(self.device, self.compute_dtype)
+
+    @property
+    def empty_embed(self) -> torch.Tensor:
+        """Embedding of the empty prompt (the CFG unconditional branch), computed once."""
+        if self._empty_embed is None or self._empty_embed.device != self.device:
+            self._empty_embed = self.text_encoder.encode([""]).to(self.device, self.compute_dtype)
+        return self._empty_embed
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32  # autocast / FSDP mixed precision cast inside the backbone
+
+    def conditioning(self, latent_h: int, latent_w: int, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Text embeddings plus the position ids the backbone expects for this bucket's latent shape."""
+        return dict(
+            encoder_hidden_states=embeds,
+            img_ids=latent_image_ids(latent_h, latent_w, device=embeds.device, dtype=embeds.dtype),
+            txt_ids=text_ids(embeds.shape[1], device=embeds.device, dtype=embeds.dtype),
+        )
+
+    @staticmethod
+    def predict_velocity(model, x_t_packed: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Velocity for packed latents at timesteps t in [0, 1] (the backbone scales t by 1000 itself)."""
+        return model(hidden_states=x_t_packed, timestep=t.to(x_t_packed.dtype), return_dict=False, **cond)[0]
+
+    # ------------------------------------------------------------------------------------ optimizer
+    def trainable_parameters(self):
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        opt = make_adamw(self.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+        warmup = max(int(cfg.warmup_steps), 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_factor(step, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        max_norm = gradient_clip_val or self.optim_cfg.grad_clip
+        if max_norm and max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm, on_step=True, prog_bar=False)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None and self.global_step % self.ema_cfg.every_n_steps == 0:
+            self.ema.update(self.backbone)
+
+    # ------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        seed: int | list[int] = 0,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> torch.Tensor:
+        """Prompts -> images [B, 3, H, W] in [0, 1] (EMA weights when enabled); same as OvisImagePipeline."""
+        cfg = SamplingConfig(**{**vars(self.sampling_cfg)})
+        if steps is not None:
+            cfg.steps = steps
+        if guidance_scale is not None:
+            cfg.guidance_scale = guidance_scale
+        self.place_frozen()
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            if self.ema is not None and self.ema_cfg.use_for_sampling:
+                with self.ema.swapped_into(self.backbone):
+                    return generate_images(self.backbone, self.text_encoder, self.vae, prompts, cfg, seed, height, width)
+            return generate_images(self.backbone, self.text_encoder, self.vae, prompts, cfg, seed, height, width)
+        finally:
+            self.backbone.train(was_training)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int):
+        prompts = batch["prompts"]
+        seeds = batch.get("seeds")
+        images = self.sample(list(prompts), seed=[int(s) for s in seeds] if seeds is not None else batch_idx * 1000)
+        return {"images": images.cpu(), "prompts": list(prompts), "ids": batch.get("ids")}
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)

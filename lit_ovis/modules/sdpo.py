@@ -1,0 +1,157 @@
+"""Diffusion-DPO with the Diffusion-SDPO winner-preserving safeguard (report Stage 2, Eqs. 1-3).
+
+The policy (`self.backbone`, trainable) and the reference (`self.reference`, frozen) both start from the SFT
+checkpoint given as `backbone.pretrained` (a lit-ovis `.ckpt`, `.safetensors` or diffusers folder); set
+`dpo.reference_pretrained` to load the reference from a different file. The reference is a deep copy of the
+backbone built before any parallelism: it lives in `self._frozen` (outside the module tree), so it is never in
+the optimizer or a checkpoint, stays in eval mode with requires_grad False, and `parallelize_module` shards it
+on the same mesh as the policy. On resume the reference is rebuilt from the same SFT weights.
+
+One training step (the math lives in `lit_ovis.losses.dpo`):
+  shared noise and timestep per pair -> x_t for winner and loser -> policy velocities for both in one batched
+  forward ([winner; loser] concatenated along the batch) -> reference velocities (no grad, also batched) ->
+  Diffusion-DPO on the per-sample flow-matching errors, the loser branch's gradient scaled per pair by
+  lambda_safe when `dpo.safeguard` is on.
+
+Batches: `{"latents_w": [B,16,h,w], "latents_l": [B,16,h,w], "prompt_embeds"?: [B,L,D], "captions": [...]}`
+(docs/CONTRACT.md, from `data_modules.preference`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lit_ovis import flow
+from lit_ovis.errors import ConfigError
+from lit_ovis.losses.dpo import SAFEGUARD_RULES, sdpo_loss
+from lit_ovis.models.backbone import build_backbone
+from lit_ovis.models.vae import pack_latents
+from lit_ovis.modules.base import OvisBaseModule
+from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
+from lit_ovis.parallel.fsdp import ParallelConfig
+from lit_ovis.sampling.generate import SamplingConfig
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 5000.0  # Diffusion-DPO temperature with T folded in (mean-reduced MSE; see losses/dpo.py)
+    safeguard: bool = True  # Diffusion-SDPO loser scaling; False = plain Diffusion-DPO
+    safeguard_rule: str = "report"  # "report" (Ovis-Image Eq. 3) | "paper" (Diffusion-SDPO release closed form)
+    mu: float = 1.0  # "report": strength of the loser branch; "paper": safety margin in [0, 1]
+    lambda_min: float = 0.0
+    lambda_max: float = 1.0
+    eps: float = 1e-12
+    timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal" (as in SFT)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    timestep_shift: str = "dynamic"  # "none" | "static" | "dynamic"
+    shift: float = 3.0
+    loss_weighting: str = "none"  # per-pair w(t) inside the sigmoid: "none" | "cosmap" | "sigma_sqrt"
+    batched_forward: bool = True  # winner and loser in one forward (2B); False = two forwards (less memory)
+    reference_pretrained: str | None = None  # reference weights; None = the same weights as the policy
+
+
+class SDPOModule(OvisBaseModule):
+    def __init__(
+        self,
+        backbone: BackboneConfig = BackboneConfig(),
+        encoders: EncoderConfig = EncoderConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        ema: EMAConfig = EMAConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        parallel: ParallelConfig = ParallelConfig(),
+        dpo: DPOConfig = DPOConfig(),
+    ):
+        super().__init__(backbone, encoders, optimizer, ema, sampling, parallel)
+        self._validate(dpo)
+        self.dpo = dpo
+
+    @staticmethod
+    def _validate(cfg: DPOConfig) -> None:
+        if cfg.beta <= 0:
+            raise ConfigError(f"--model.dpo.beta must be > 0 (got {cfg.beta}); the report uses a large beta (thousands)")
+        if cfg.safeguard_rule not in SAFEGUARD_RULES:
+            raise ConfigError(f"--model.dpo.safeguard_rule must be one of {SAFEGUARD_RULES}, got {cfg.safeguard_rule!r}")
+        if cfg.safeguard_rule == "paper" and not 0.0 <= cfg.mu <= 1.0:
+            raise ConfigError(f"--model.dpo.mu must be in [0, 1] with safeguard_rule 'paper' (a safety margin), got {cfg.mu}")
+        if cfg.mu < 0:
+            raise ConfigError(f"--model.dpo.mu must be >= 0, got {cfg.mu}")
+        if not 0.0 <= cfg.lambda_min <= cfg.lambda_max:
+            raise ConfigError(f"--model.dpo.lambda_min/lambda_max need 0 <= min <= max, got {cfg.lambda_min}, {cfg.lambda_max}")
+
+    # ------------------------------------------------------------------------------------ models
+    @property
+    def reference(self):
+        """The frozen reference backbone (sharded by `parallelize_module` like the policy)."""
+        return self._frozen.get("reference")
+
+    def build_frozen(self) -> None:
+        super().build_frozen()
+        path = self.dpo.reference_pretrained
+        ref = build_backbone(self.backbone_cfg.preset, path) if path else copy.deepcopy(self.backbone)
+        ref.eval().requires_grad_(False)
+        self._frozen["reference"] = ref
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference is not None:  # the reference never leaves eval mode (no dropout)
+            self.reference.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------ loss
+    def velocities(self, model, x_w, x_l, t, cond_w: dict, cond_l: dict, batched: bool):
+        """Velocities for winner and loser x_t; one forward over [winner; loser] when `batched`."""
+        if batched:
+            cond = dict(cond_w, encoder_hidden_states=torch.cat([cond_w["encoder_hidden_states"]] * 2))
+            pred = self.predict_velocity(model, torch.cat([x_w, x_l]), torch.cat([t, t]), cond)
+            return pred.chunk(2)
+        return self.predict_velocity(model, x_w, t, cond_w), self.predict_velocity(model, x_l, t, cond_l)
+
+    def dpo_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None):
+        """(loss, stats) for one preference batch; shared with validation (fixed generator there)."""
+        cfg = self.dpo
+        x0_w = batch["latents_w"].to(self.device, self.compute_dtype)
+        x0_l = batch["latents_l"].to(self.device, self.compute_dtype)
+        if x0_w.shape != x0_l.shape:
+            raise ValueError(f"preference batch: latents_w {tuple(x0_w.shape)} and latents_l {tuple(x0_l.shape)} differ; "
+                             "winner and loser of a pair must share a resolution bucket")
+        b = x0_w.shape[0]
+        embeds = self.embed_prompts(batch)
+        cond = self.conditioning(x0_w.shape[2], x0_w.shape[3], embeds)
+        pw, pl = pack_latents(x0_w), pack_latents(x0_l)
+        t = flow.sample_timesteps(b, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, generator, device=self.device)
+        t = flow.shift_timesteps(t, cfg.timestep_shift, cfg.shift, image_seq_len=pw.shape[1])
+        # Same noise and timestep for winner and loser (Diffusion-DPO): the comparison is paired.
+        noise = torch.randn(pw.shape, generator=generator, device=self.device, dtype=pw.dtype)
+        x_w, x_l = flow.interpolate(pw, noise, t), flow.interpolate(pl, noise, t)
+        target_w, target_l = flow.velocity_target(pw, noise), flow.velocity_target(pl, noise)
+        pred_w, pred_l = self.velocities(self.backbone, x_w, x_l, t, cond, cond, cfg.batched_forward)
+        with torch.no_grad():
+            ref_w, ref_l = self.velocities(self.reference, x_w, x_l, t, cond, cond, cfg.batched_forward)
+        weights = flow.loss_weights(t, cfg.loss_weighting)
+        return sdpo_loss(
+            pred_w, pred_l, target_w, target_l, ref_w, ref_l, cfg.beta, weights,
+            safeguard=cfg.safeguard, mu=cfg.mu, lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max,
+            eps=cfg.eps, rule=cfg.safeguard_rule,
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        loss, stats = self.dpo_loss(batch)
+        b = batch["latents_w"].shape[0]
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=b)
+        self.log("train/implicit_acc", stats.pop("implicit_acc"), on_step=True, prog_bar=True, batch_size=b)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int):
+        gen = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss, stats = self.dpo_loss(batch, generator=gen)
+        b = batch["latents_w"].shape[0]
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=b)
+        keep = ("implicit_acc", "reward_margin", "policy_loss_w", "policy_loss_l", "ref_loss_w", "ref_loss_l")
+        self.log_dict({f"val/{k}": stats[k] for k in keep}, on_epoch=True, sync_dist=True, batch_size=b)
+        return loss

@@ -1,0 +1,120 @@
+"""Parallelism applied to a stage module, kept apart from the model (torchtitan style).
+
+Order: attention backend -> activation checkpointing/offloading -> regional compile -> FSDP2
+`fully_shard` per double- and single-stream block, then at the backbone root. With
+`data_parallel_replicate > 1` the mesh is 2-D (replicate x shard), i.e. HSDP: replicate across nodes,
+shard within a node. Mixed precision keeps FP32 master weights (the optimizer steps on them) and
+computes in `param_dtype`, reducing gradients in `reduce_dtype`. Frozen models (text encoder, DPO/GRPO
+reference) are sharded the same way but never reach an optimizer; the small VAE is replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lit_ovis.errors import ConfigError
+from lit_ovis.parallel.memory import apply_activation_checkpointing, apply_activation_offloading
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ParallelConfig:
+    data_parallel_replicate: int = 1  # HSDP replicas (usually = nodes); 1 = plain FSDP over all ranks
+    reshard_after_forward: bool = True  # ZeRO-3 style; False keeps gathered params until backward (faster, more memory)
+    param_dtype: str = "fp32"  # compute dtype under FSDP2 ("bf16" on GPUs); master weights stay fp32
+    reduce_dtype: str = "fp32"  # gradient all-reduce / reduce-scatter dtype
+    activation_checkpointing: str = "none"  # "none" | "full" (every block) | "selective" (every Nth block)
+    checkpoint_every_n_blocks: int = 2
+    activation_offloading: bool = False  # saved activations go to pinned CPU memory
+    compile: bool = False  # regional compilation: torch.compile each repeated block
+    attention_backend: str | None = None  # diffusers backend: "flash", "_flash_3", "_native_cudnn", "native", ...
+    cpu_offload: bool = False  # FSDP2 parameter/gradient offload to CPU (optimizer steps on CPU)
+    shard_frozen: bool = True  # shard the text encoder / reference model too (else replicate)
+
+
+def blocks_of(backbone: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an OvisImageTransformer2DModel: double-stream first, then single-stream."""
+    return list(backbone.transformer_blocks) + list(backbone.single_transformer_blocks)
+
+
+def data_parallel_mesh(device_mesh, replicate: int):
+    """1-D shard mesh (FSDP) or 2-D (replicate, shard) mesh (HSDP) over the data-parallel ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    world = dp.size()
+    if replicate <= 1:
+        return dp
+    if world % replicate:
+        raise ConfigError(
+            f"model.parallel.data_parallel_replicate={replicate} does not divide the {world} data-parallel ranks; "
+            "set it to the number of nodes (or a divisor of nodes x GPUs)"
+        )
+    return init_device_mesh(dp.device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def mixed_precision(cfg: ParallelConfig):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+
+
+def shard_transformer(backbone: nn.Module, mesh, cfg: ParallelConfig) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    kwargs = dict(
+        mesh=mesh,
+        mp_policy=mixed_precision(cfg),
+        offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
+    )
+    blocks = blocks_of(backbone)
+    for i, block in enumerate(blocks):
+        # The last block's params are needed again first in backward: keep them gathered.
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward and i < len(blocks) - 1, **kwargs)
+    fully_shard(backbone, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+
+
+def shard_frozen(model: nn.Module, mesh, cfg: ParallelConfig) -> None:
+    """Shard a frozen model by its repeated layers (Qwen3 decoder layers or MMDiT blocks)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = blocks_of(model) if hasattr(model, "single_transformer_blocks") else list(getattr(model, "layers", []))
+    mp = mixed_precision(cfg)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def apply_compile(backbone: nn.Module) -> None:
+    """Regional compilation: each repeated block compiled once and reused (fast warm-up, same speed)."""
+    for block in blocks_of(backbone):
+        block.compile(fullgraph=False, dynamic=False)
+
+
+def parallelize_module(module, device_mesh, cfg: ParallelConfig) -> None:
+    """Apply the configured levers to `module.backbone` (+ frozen models) in place."""
+    backbone = module.backbone
+    if cfg.attention_backend:
+        backbone.set_attention_backend(cfg.attention_backend)
+    if cfg.activation_checkpointing != "none":
+        apply_activation_checkpointing(backbone, cfg.activation_checkpointing, cfg.checkpoint_every_n_blocks)
+    if cfg.activation_offloading:
+        apply_activation_offloading(backbone)
+    if cfg.compile:
+        apply_compile(backbone)
+    if device_mesh is None:
+        return
+    mesh = data_parallel_mesh(device_mesh, cfg.data_parallel_replicate)
+    shard_transformer(backbone, mesh, cfg)
+    reference = getattr(module, "reference", None)
+    if reference is not None:
+        if cfg.attention_backend:
+            reference.set_attention_backend(cfg.attention_backend)
+        shard_frozen(reference, mesh, cfg)
+    text_encoder = getattr(module, "text_encoder", None)
+    if cfg.shard_frozen and text_encoder is not None:
+        shard_frozen(text_encoder.model, mesh, cfg)

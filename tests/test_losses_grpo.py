@@ -1,0 +1,113 @@
+"""GRPO losses: group advantages, PPO clip surrogate, Gaussian step KL and the training window."""
+
+from __future__ import annotations
+
+import torch
+
+from lit_ovis.losses.grpo import (
+    GroupStatTracker, fixed_window, gaussian_step_kl, group_advantages, noise_advantage_signal,
+    ppo_clip_loss, select_window, update_step_scores,
+)
+from lit_ovis.sampling.sde import sde_step
+
+
+def test_group_advantages_zero_mean_unit_std_per_group():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(12, generator=g) * 3 + 5
+    ids = torch.tensor([2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])  # interleaved groups of 4
+    adv = group_advantages(rewards, ids, eps=0.0)
+    for k in range(3):
+        a = adv[ids == k]
+        assert abs(a.mean().item()) < 1e-5
+        assert abs(a.std(unbiased=False).item() - 1.0) < 1e-5
+    # hand value for one member
+    r0 = rewards[ids == 0]
+    torch.testing.assert_close(adv[1], (rewards[1] - r0.mean()) / r0.std(unbiased=False))
+
+
+def test_group_advantages_constant_group_and_global_std():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 2.0, 4.0])
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = group_advantages(rewards, ids)
+    assert torch.equal(adv[:3], torch.zeros(3))  # equal rewards: no signal, no NaN
+    glob = group_advantages(rewards, ids, eps=0.0, global_std=True)
+    torch.testing.assert_close(glob[3:], (rewards[3:] - 2.0) / rewards.std(unbiased=False))
+
+
+def test_stat_tracker_uses_history_after_min_count():
+    tr = GroupStatTracker(buffer_size=8, min_count=4, eps=0.0)
+    a = tr.update(["p", "p", "q", "q"], torch.tensor([1.0, 3.0, 10.0, 14.0]))
+    batch = torch.tensor([1.0, 3.0, 10.0, 14.0])
+    torch.testing.assert_close(a, (batch - batch.mean()) / batch.std(unbiased=False))  # too few: batch stats
+    b = tr.update(["p", "p"], torch.tensor([5.0, 7.0]))
+    hist = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    torch.testing.assert_close(b, (torch.tensor([5.0, 7.0]) - hist.mean()) / hist.std(unbiased=False))
+
+
+def test_unchanged_weights_ratio_one_and_loss_minus_mean_adv():
+    lp = torch.randn(8, dtype=torch.float64).float()
+    adv = torch.randn(8)
+    loss, stats = ppo_clip_loss(lp.clone(), lp.clone(), adv, clip_range=0.2)
+    assert stats["ratio_mean"].item() == 1.0 and stats["clip_frac"].item() == 0.0
+    torch.testing.assert_close(loss, -adv.mean())
+
+
+def test_clipping_hand_values_and_gradient():
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5])).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, stats = ppo_clip_loss(new, old, adv, clip_range=0.2, adv_clip_max=None)
+    # per-sample: max(-A r, -A clip(r)): [-1.2, 1.5, -0.5, 0.8]
+    torch.testing.assert_close(loss, torch.tensor((-1.2 + 1.5 - 0.5 + 0.8) / 4))
+    assert stats["clip_frac"].item() == 1.0
+    loss.backward()
+    # gradient only where the unclipped term is active (samples 1 and 2): d(-A r)/dlogp = -A r / 4
+    torch.testing.assert_close(new.grad, torch.tensor([0.0, 1.5 / 4, -0.5 / 4, 0.0]))
+
+
+def test_gaussian_step_kl_matches_closed_form_and_log_prob_difference():
+    g = torch.Generator().manual_seed(0)
+    x, v, v_ref = (torch.randn(2, 6, 4, generator=g) for _ in range(3))
+    a = sde_step(x, v, 0.7, 0.5, noise_level=0.8, generator=g)
+    b = sde_step(x, v_ref, 0.7, 0.5, noise_level=0.8, prev_sample=a.sample)
+    kl = gaussian_step_kl(a.mean, b.mean, a.std, reduce="sum")
+    torch.testing.assert_close(kl, ((a.mean - b.mean) ** 2).sum(dim=(1, 2)) / (2 * a.std**2))
+    # Monte-Carlo check against E_p[log p - log q] (same std): sample many x' from p
+    n = 4000
+    xs = a.mean[0] + a.std[0] * torch.randn((n,) + a.mean.shape[1:], generator=g)
+    from torch.distributions import Normal
+    lp = Normal(a.mean[0], a.std[0]).log_prob(xs).sum(dim=(1, 2))
+    lq = Normal(b.mean[0], a.std[0]).log_prob(xs).sum(dim=(1, 2))
+    assert abs((lp - lq).mean().item() - kl[0].item()) < 0.05 * kl[0].item() + 0.05
+    mean_kl = gaussian_step_kl(a.mean, b.mean, a.std)
+    torch.testing.assert_close(mean_kl, kl / 24)
+
+
+def test_noise_signal_finds_the_step_that_drives_the_reward():
+    g = torch.Generator().manual_seed(0)
+    n, k, d = 64, 6, 16
+    noise = torch.randn(n, k, d, generator=g)
+    ids = torch.arange(n) // 8
+    rewards = noise[:, 3].sum(-1) + 0.1 * torch.randn(n, generator=g)  # only step 3's noise matters
+    adv = group_advantages(rewards, ids)
+    s = noise_advantage_signal(noise, adv, ids)
+    # expected ~1 + G/D = 1.5 for the driving step (G = 8 members, D = 16 dims), ~1 elsewhere
+    assert int(s.argmax()) == 3 and s[3] > 1.3
+    others = torch.cat([s[:3], s[4:]])
+    assert (others < 1.25).all() and (others > 0.6).all()  # ~1 when the noise is irrelevant
+    # window around it, respecting validity and EMA
+    scores = update_step_scores(None, s)
+    assert select_window(scores, 1) == (3, 4)
+    start, end = select_window(scores, 2)
+    assert start <= 3 < end and end - start == 2
+    valid = torch.tensor([True, True, True, False, True, True])
+    assert 3 not in range(*select_window(scores, 2, valid))
+    ema = update_step_scores(scores, torch.zeros(k), decay=0.5)
+    torch.testing.assert_close(ema, 0.5 * scores)
+
+
+def test_fixed_window():
+    assert fixed_window(10, 2, 4) == (2, 6)
+    assert fixed_window(10, 8, 4) == (8, 10)
+    valid = torch.tensor([True] * 9 + [False])
+    assert fixed_window(10, 0, 0, valid) == (0, 9)
