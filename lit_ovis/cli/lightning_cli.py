@@ -26,6 +26,17 @@ class OvisCLI(LightningCLI):
         sub = self.config.get(self.subcommand) if self.subcommand else self.config
         check_config(sub)
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from lit_ovis.checkpoint_io import AtomicCheckpointIO
+
+        # Never lose the last good checkpoint to a kill or a full disk mid-write.
+        if type(getattr(trainer.strategy, "checkpoint_io", None)) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def _resume_default(self) -> None:
         """Default `ckpt_path` to the newest complete checkpoint of this run, so reruns resume."""
         sub = self.config.get(self.subcommand)
