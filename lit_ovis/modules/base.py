@@ -160,6 +160,13 @@ class OvisBaseModule(L.LightningModule):
         if self.ema is not None and self.global_step % self.ema_cfg.every_n_steps == 0:
             self.ema.update(self.backbone)
 
+    def train_flops_per_sample(self, latent_h: int, latent_w: int) -> int:
+        """Model FLOPs of one training sample (forward + backward) for the throughput/MFU logger."""
+        from lit_ovis.parallel.flops import train_flops
+
+        tokens = (latent_h // 2) * (latent_w // 2)
+        return train_flops(dict(self.backbone.config), tokens, self.encoders_cfg.max_sequence_length)
+
     # ------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(
