@@ -128,8 +128,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"_epoch": items[0]["_epoch"], "_pos": items[0]["_pos"], "corrupt": len(items) - len(good)}
     if not good:
         return out
-    out["latents"] = torch.stack([x["latents"].float() for x in good])
+    for key in ("latents", "latents_w", "latents_l"):
+        if key in good[0]:
+            out[key] = torch.stack([x[key].float() for x in good])
     out["captions"] = [x["caption"] for x in good]
+    out["prompts"] = out["captions"]
     out["ids"] = [x["id"] for x in good]
     out["languages"] = [x.get("language", "en") for x in good]
     out["target_texts"] = [x.get("target_text", "") for x in good]

@@ -46,9 +46,11 @@ def check_config(cfg: Any) -> None:
         check_resolution(int(height), int(width), "--model.sampling.height/width")
 
     data = _get(cfg, "data.init_args") or {}
+    # Data modules that build a synthetic set on first use create their root themselves.
+    builds_own = any(_get(data, k) for k in ("synthetic_samples", "synthetic_pairs", "synthetic_prompts"))
     for key in ("root", "data_dir", "path", "prompt_file"):
         path = _get(data, key)
-        if isinstance(path, str) and path and not path.startswith(REMOTE_PREFIXES) and not _get(data, "synthetic_samples"):
+        if isinstance(path, str) and path and not path.startswith(REMOTE_PREFIXES) and not builds_own:
             if not os.path.exists(path):
                 raise ConfigError(f"--data.{key}: '{path}' does not exist; run `lit-ovis prepare` first or fix the path")
     resolution = _get(data, "resolution")

@@ -124,7 +124,8 @@ class TextRenderingEngine:
         h = int(round(self.base_size / math.sqrt(ar)))
         bg_name = rng.choice(sorted(COLOURS))
         bg = COLOURS[bg_name][0]
-        text = text if text is not None else self._text(rng, language, layout)
+        drawn = self._text(rng, language, layout)  # always drawn, so a given text keeps the same layout
+        text = text if text is not None else drawn
         image = self._background(rng, (w, h), background, bg)
         draw = ImageDraw.Draw(image)
         # Text colour: the named colour with the best contrast against the background.
@@ -156,6 +157,25 @@ class TextRenderingEngine:
             y += line_h
         caption = self.caption(rng, text, language, layout, background, fg_name, bg_name)
         return RenderedSample(image, caption, text, language, layout, background, {"index": index, "font": font.path, "aspect_ratio": w / h})
+
+    @staticmethod
+    def corrupt(text: str, seed: int) -> str:
+        """A plausible misspelling: swap, drop or replace characters (the DPO loser's text)."""
+        rng = random.Random(seed)
+        chars = list(text)
+        idx = [i for i, c in enumerate(chars) if not c.isspace()]
+        for _ in range(max(1, len(idx) // 3)):
+            i = rng.choice(idx)
+            op = rng.random()
+            if op < 0.4 and i + 1 < len(chars):
+                chars[i], chars[i + 1] = chars[i + 1], chars[i]
+            elif op < 0.7 and len(idx) > 2:
+                chars[i] = ""
+            else:
+                pool = "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if chars[i].isupper() else ("abcdefghijklmnopqrstuvwxyz" if chars[i].isascii() else "口日月田目工王土")
+                chars[i] = rng.choice(pool)
+        out = "".join(chars)
+        return out if out != text else text[::-1] if len(text) > 1 else text + text
 
     @staticmethod
     def caption(rng: random.Random, text: str, language: str, layout: str, background: str, fg: str, bg: str) -> str:

@@ -2,7 +2,7 @@
 
 Report Stage 2, Eqs. 1-3. Pure functions: tensors in, tensors out.
 
-Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908, Eq. 14) replaces the intractable log-likelihood ratio
+Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908) replaces the intractable log-likelihood ratio
 log p_theta(x) / p_ref(x) of Eq. 1 by the difference of per-timestep reconstruction errors along a shared
 forward-noised sample. For velocity prediction (x_t = (1 - t) x0 + t eps, target v = eps - x0), with the
 *same* noise and timestep for winner and loser:
@@ -14,7 +14,7 @@ forward-noised sample. For velocity prediction (x_t = (1 - t) x0 + t eps, target
 
 T-scaling convention: Wallace et al. write beta * T * omega(lambda_t) with a sum-reduced squared error; here
 the per-element *mean* is used and T, the Gaussian 1/(2 sigma^2) and the element count are folded into beta,
-exactly as the reference Diffusion-DPO implementation does (its beta_dpo = 5000 for SD1.5, 2500 for SDXL).
+as the public Diffusion-DPO / Diffusion-SDPO training scripts do (beta_dpo = 5000 for SD1.5 and SDXL there).
 Hence `beta` is "large" (thousands). w(t) is an optional per-pair timestep weight (default 1).
 
 Implicit reward of a sample: r^k = -(beta / 2) w(t) (L^k_theta - L^k_ref); z = r^w - r^l is the reward margin,
@@ -23,7 +23,7 @@ exactly 0.5 and loss log 2).
 
 Diffusion-SDPO (Fu et al. 2025, arXiv:2511.03317) safeguard. The Diffusion-DPO gradient of one pair is
 
-    grad = -(beta / 2) w sigmoid(-z) * (dL^w_theta - lambda * dL^l_theta),   lambda = 1 in plain DPO,
+    grad = (beta / 2) w sigmoid(-z) * (dL^w_theta - lambda * dL^l_theta),   lambda = 1 in plain DPO,
 
 so a gradient step d theta = -eta * grad changes the winner loss, to first order, by
 
@@ -43,12 +43,14 @@ clipped to that interval and detached (lambda only rescales the loser's gradient
 
 - `rule="report"` (default; Ovis-Image report Eq. 3): lambda = mu <g^w, g^l> / (|g^l|^2 + eps). By
   Cauchy-Schwarz, mu <g^w,g^l>^2 / |g^l|^2 <= mu |g^w|^2, so for mu <= 1 the proposal already satisfies the
-  bound whenever it is positive; the clip matters for mu > 1 and for lambda_min / lambda_max.
-- `rule="paper"` (the Diffusion-SDPO release): demand a margin, dL^w <= -eta s mu |g^w|^2 with mu in [0, 1),
+  bound whenever it is positive; the clip matters for mu > 1 and for lambda_min / lambda_max. Note that with
+  this rule a non-conflicting pair (<g^w, g^l> <= 0) gets lambda = lambda_min (0 by default): its update then
+  only lowers the winner's error relative to the reference.
+- `rule="paper"` (the Diffusion-SDPO release): demand a margin, dL^w <= -eta s mu |g^w|^2 with mu in [0, 1],
   giving the closed form lambda = (1 - mu) |g^w|^2 / <g^w, g^l> when the branches conflict and lambda_max
-  (default 1 = plain DPO) otherwise.
+  (default 1 = plain DPO) otherwise. Its training scripts use mu = 0.9 (SD1.5) and 0.6 (SDXL).
 
-The paper computes one lambda for the whole batch; we compute it per pair, which is the same first-order
+The public release computes one lambda for the whole batch; we compute it per pair, which is the same first-order
 argument applied to each pair's own outputs (the pairs' outputs are disjoint, so the per-pair guarantees add).
 """
 

@@ -102,6 +102,13 @@ class SDPOModule(OvisBaseModule):
             self.reference.eval()
         return self
 
+    def _reshard_reference(self) -> None:
+        # FSDP2 keeps the root module's parameters gathered after forward (it expects a backward to follow);
+        # the reference never runs backward, so free its root parameters explicitly.
+        reshard = getattr(self.reference, "reshard", None)
+        if callable(reshard):
+            reshard()
+
     # ------------------------------------------------------------------------------------ loss
     def velocities(self, model, x_w, x_l, t, cond_w: dict, cond_l: dict, batched: bool):
         """Velocities for winner and loser x_t; one forward over [winner; loser] when `batched`."""
@@ -132,6 +139,7 @@ class SDPOModule(OvisBaseModule):
         pred_w, pred_l = self.velocities(self.backbone, x_w, x_l, t, cond, cond, cfg.batched_forward)
         with torch.no_grad():
             ref_w, ref_l = self.velocities(self.reference, x_w, x_l, t, cond, cond, cfg.batched_forward)
+        self._reshard_reference()
         weights = flow.loss_weights(t, cfg.loss_weighting)
         return sdpo_loss(
             pred_w, pred_l, target_w, target_l, ref_w, ref_l, cfg.beta, weights,

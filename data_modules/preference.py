@@ -1,0 +1,108 @@
+"""Preference pairs for Diffusion-DPO / SDPO: (prompt, winner latents, loser latents), bucketed and
+streamed exactly like the flow-matching latents (same layout `<root>/<res>/<WxH>/`, same resumable
+batch plan). Produced by `lit-ovis make-pairs` (scored real/generated pairs) or here, synthetically:
+winner = the text rendered correctly, loser = the same layout with the text misspelled.
+
+    python -m data_modules.preference --synthetic 512 --output-dir data/pairs --resolution 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_modules.buckets import assign_bucket, bucket_name, make_buckets, resize_to_bucket
+from data_modules.streaming import LatentDataModule
+
+
+class PreferenceDataModule(LatentDataModule):
+    """Batches with `latents_w`, `latents_l` [B,16,h,w] (one bucket), `prompt_embeds` or `captions`."""
+
+    def __init__(self, root: str = "data/pairs", batch_size: int = 4, num_workers: int = 2, seed: int = 0,
+                 resolutions: list[int] | None = None, synthetic_pairs: int = 0, synthetic_resolution: int = 64,
+                 text_encoder: str | None = "tiny", vae: str = "tiny", max_sequence_length: int = 256):
+        super().__init__(root, batch_size, num_workers, seed, resolutions, 0, synthetic_resolution, text_encoder, vae, max_sequence_length)
+        self.synthetic_pairs = synthetic_pairs
+
+    def prepare_data(self) -> None:
+        if self.synthetic_pairs > 0:
+            ensure_synthetic_pairs(self.root, self.synthetic_pairs, self.synthetic["resolution"], self.synthetic["text_encoder"],
+                                   self.synthetic["vae"], self.synthetic["max_sequence_length"])
+
+
+@torch.no_grad()
+def build_synthetic_pairs(root: str, n: int, resolution: int = 64, text_encoder: str | None = "tiny", vae: str = "tiny",
+                          max_sequence_length: int = 256, seed: int = 0, progress: bool = True) -> dict:
+    from litdata.streaming.writer import BinaryWriter
+
+    from data_modules.synthetic.engine import TextRenderingEngine
+    from lit_ovis.models.text_encoder import build_text_encoder
+    from lit_ovis.models.vae import build_vae
+
+    engine = TextRenderingEngine(seed=seed, base_size=max(resolution, 128))
+    buckets = make_buckets(resolution)
+    vae_model = build_vae(vae)
+    encoder = build_text_encoder(text_encoder, max_sequence_length) if text_encoder else None
+    groups: dict[str, list[dict]] = {}
+    for i in tqdm(range(n), desc="pairs", disable=not progress):
+        good = engine.render(i)
+        bad = engine.render(i, language=good.language, text=engine.corrupt(good.text, seed * 1_000_003 + i))
+        bucket = assign_bucket(*good.image.size, buckets)
+        pix = [np.asarray(resize_to_bucket(im, bucket), dtype=np.float32) / 127.5 - 1 for im in (good.image, bad.image)]
+        lat = vae_model.encode(torch.from_numpy(np.stack(pix)).permute(0, 3, 1, 2))
+        item = {"id": f"pair-{i:08d}", "caption": good.caption, "language": good.language, "target_text": good.text,
+                "latents_w": lat[0].half(), "latents_l": lat[1].half()}
+        if encoder is not None:
+            e = encoder.encode([good.caption])[0]
+            nz = (e.abs().sum(-1) > 0).nonzero()
+            item["prompt_embeds"] = e[: int(nz.max()) + 1 if len(nz) else 0].half()
+        groups.setdefault(bucket_name(bucket), []).append(item)
+    out = Path(root)
+    tmp = out / f".{resolution}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, items in groups.items():
+        writer = BinaryWriter(str(tmp / name), chunk_bytes="64MB")
+        for k, item in enumerate(items):
+            writer[k] = item
+        writer.done()
+        writer.merge()
+    shutil.rmtree(out / str(resolution), ignore_errors=True)
+    os.replace(tmp, out / str(resolution))
+    report = {"inputs": n, "kept": n, "resolution": resolution, "buckets": {k: len(v) for k, v in groups.items()}, "kind": "synthetic_pairs"}
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def ensure_synthetic_pairs(root: str, n: int, resolution: int = 64, text_encoder: str | None = "tiny", vae: str = "tiny", max_sequence_length: int = 256) -> dict:
+    report_path = Path(root) / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        if report.get("inputs") == n and report.get("resolution") == resolution:
+            return report
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return build_synthetic_pairs(root, n, resolution, text_encoder, vae, max_sequence_length)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_modules.preference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", type=int, required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--text-encoder", default="tiny")
+    p.add_argument("--vae", default="tiny")
+    p.add_argument("--max-sequence-length", type=int, default=256)
+    args = p.parse_args(argv)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    print(json.dumps(build_synthetic_pairs(args.output_dir, args.synthetic, args.resolution, args.text_encoder, args.vae, args.max_sequence_length)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
