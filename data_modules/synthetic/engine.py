@@ -116,7 +116,8 @@ class TextRenderingEngine:
 
     def render(self, index: int, aspect_ratio: float | None = None, language: str | None = None, text: str | None = None) -> RenderedSample:
         rng = random.Random(f"{self.seed}-{index}")
-        language = language or ("zh" if rng.random() < self.zh_fraction else "en")
+        lang_draw = rng.random()  # always drawn, so forcing the language keeps the rest of the layout
+        language = language or ("zh" if lang_draw < self.zh_fraction else "en")
         layout = rng.choice(LAYOUTS)
         background = rng.choice(BACKGROUNDS)
         ar = aspect_ratio or rng.choice(ASPECT_RATIOS)
