@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def is_complete(path: Path) -> bool:
-    """A `.ckpt` file (atomically renamed into place) or a sharded directory with DCP metadata."""
-    if path.name.startswith(".") or ".tmp" in path.name:
+    """A `.ckpt` file (atomically renamed into place) or a sharded directory with DCP metadata.
+    `.X.old` (a complete sharded checkpoint moved aside during a swap) counts; temp files never do."""
+    if ".tmp" in path.name or (path.name.startswith(".") and not path.name.endswith(".old")):
         return False
     if path.is_file():
         return path.suffix == ".ckpt" and path.stat().st_size > 0
@@ -32,7 +33,7 @@ def resolve_ckpt_path(trainer_or_dir) -> str | None:
     for d in dirs:
         if not d.is_dir():
             continue
-        last = [p for p in (d / "last.ckpt", d / "last") if p.exists() and is_complete(p)]
+        last = [p for p in (d / "last.ckpt", d / "last", d / ".last.ckpt.old") if p.exists() and is_complete(p)]
         if last:
             return str(last[0])
         candidates += [p for p in d.iterdir() if is_complete(p)]

@@ -8,6 +8,7 @@ backbone in diffusers key layout under `backbone.` and export is a rename, not a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning as L
@@ -36,6 +37,8 @@ class OvisBaseModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # Sharded checkpoints store these dataclasses in meta.pt, which Lightning reads with weights_only=True.
+        torch.serialization.add_safe_globals([type(v) for v in self.hparams.values() if dataclasses.is_dataclass(v)])
         self.backbone_cfg = backbone
         self.encoders_cfg = encoders
         self.optim_cfg = optimizer

@@ -14,7 +14,7 @@ One training step = one GRPO iteration on a batch of prompts:
    (the DPO model: a frozen copy of the backbone, or with LoRA the base weights with the adapter off);
    gradients accumulate over the window's steps, are clipped, and the optimizer steps once per mini-batch.
 
-`trainer.max_steps` counts optimizer steps: iterations x inner_epochs x ceil(B*G / train_batch_size).
+`trainer.max_steps` counts optimizer steps: iterations x inner_epochs x optimizer_steps_per_epoch.
 Rewards: `grpo.rewards` maps scorer names (`lit_ovis.scoring.build_scorer`) to weights; a caller may instead
 set `module.reward_fns = {"name": fn}` with fn(images [N,3,H,W] in [0,1], prompts, metadata) -> [N].
 """
@@ -65,8 +65,9 @@ class GRPOConfig:
     height: int = 512
     width: int = 512
     rollout_batch_size: int = 8  # images per rollout forward (memory bound)
-    train_batch_size: int = 8  # samples per optimizer step
+    train_batch_size: int = 8  # samples per forward/backward in the update
     inner_epochs: int = 1  # passes over the stored rollouts per iteration
+    optimizer_steps_per_epoch: int = 1  # mini-batches of an epoch accumulate into this many optimizer steps
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     adv_eps: float = 1e-4
@@ -141,7 +142,7 @@ def reward_grid(images: torch.Tensor, rewards: torch.Tensor, nrow: int = 4) -> t
         draw = ImageDraw.Draw(pil)
         draw.rectangle([0, 0, min(w, 40), 10], fill=(0, 0, 0))
         draw.text((1, -1), f"{float(rewards[i]):.3g}", fill=(255, 255, 0))
-        img = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float() / 255
+        img = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
         r, c = divmod(i, ncol)
         grid[:, r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = img
     return grid
@@ -183,6 +184,21 @@ class GRPOModule(OvisBaseModule):
             raise ConfigError(f"grpo.window_signal must be 'noise' or 'logp_change', got {cfg.window_signal!r}")
         if (cfg.height % 16) or (cfg.width % 16):
             raise ConfigError(f"grpo.height/width must be multiples of 16, got {cfg.height}x{cfg.width}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the adaptive window's step scores and the exploration RNG continue across a resume
+        checkpoint["grpo_state"] = {"step_scores": self.step_scores, "rng": self._rng.getstate(),
+                                    "tracker": {k: list(v) for k, v in self.tracker.history.items()} if self.tracker else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("grpo_state")
+        if not state:
+            return
+        self.step_scores = state["step_scores"]
+        self._rng.setstate(state["rng"])
+        if self.tracker is not None and state.get("tracker"):
+            for k, v in state["tracker"].items():
+                self.tracker.history[k].extend(v)
 
     # ------------------------------------------------------------------------------------ models
     @property
@@ -354,9 +370,11 @@ class GRPOModule(OvisBaseModule):
         acc: dict[str, list[torch.Tensor]] = {}
         logp_change = torch.zeros(traj.log_probs.shape[1])
         logp_count = torch.zeros_like(logp_change)
+        n_mb = -(-n // cfg.train_batch_size)
+        accumulate = -(-n_mb // max(1, min(cfg.optimizer_steps_per_epoch, n_mb)))
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(n, generator=gen)
-            for b in range(0, n, cfg.train_batch_size):
+            for mb, b in enumerate(range(0, n, cfg.train_batch_size)):
                 idx = perm[b: b + cfg.train_batch_size].to(self.device)
                 steps = list(window)
                 if cfg.shuffle_window_steps:
@@ -377,12 +395,14 @@ class GRPOModule(OvisBaseModule):
                         loss = loss + cfg.kl_beta * kl
                         st["kl"] = kl.detach()
                     st["loss"] = loss.detach()
-                    self.manual_backward(loss / len(steps))
+                    in_group = min(accumulate, n_mb - (mb // accumulate) * accumulate)
+                    self.manual_backward(loss / (len(steps) * in_group))
                     logp_change[k] += float(logp_change_signal(out.log_prob, traj.log_probs[idx, k], adv[idx]))
                     logp_count[k] += 1
                     for key, val in st.items():
                         acc.setdefault(key, []).append(val.detach().float())
-                self._clip_and_step(opt, sched, acc)
+                if (mb + 1) % accumulate == 0 or mb == n_mb - 1:
+                    self._clip_and_step(opt, sched, acc)
         if cfg.window == "adaptive" and cfg.window_signal == "logp_change":
             seen = logp_count > 0
             sig = torch.where(seen, logp_change / logp_count.clamp_min(1), torch.zeros_like(logp_change))
@@ -424,4 +444,6 @@ class GRPOModule(OvisBaseModule):
         experiment.add_image("rollouts", reward_grid(images[:m], rewards[:m], nrow=self.grpo.group_size), self.global_step)
 
     def _opt_steps_per_iter(self, n: int) -> int:
-        return self.grpo.inner_epochs * -(-n // self.grpo.train_batch_size)
+        n_mb = -(-n // self.grpo.train_batch_size)
+        accumulate = -(-n_mb // max(1, min(self.grpo.optimizer_steps_per_epoch, n_mb)))
+        return self.grpo.inner_epochs * -(-n_mb // accumulate)

@@ -24,6 +24,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class ParallelConfig:
     data_parallel_replicate: int = 1  # HSDP replicas (usually = nodes); 1 = plain FSDP over all ranks
+    hsdp: bool = False  # force a 2-D (replicate, shard) mesh even with one replica (on when replicate > 1)
     reshard_after_forward: bool = True  # ZeRO-3 style; False keeps gathered params until backward (faster, more memory)
     param_dtype: str = "fp32"  # compute dtype under FSDP2 ("bf16" on GPUs); master weights stay fp32
     reduce_dtype: str = "fp32"  # gradient all-reduce / reduce-scatter dtype
@@ -41,14 +42,15 @@ def blocks_of(backbone: nn.Module) -> list[nn.Module]:
     return list(backbone.transformer_blocks) + list(backbone.single_transformer_blocks)
 
 
-def data_parallel_mesh(device_mesh, replicate: int):
+def data_parallel_mesh(device_mesh, replicate: int, hsdp: bool = False):
     """1-D shard mesh (FSDP) or 2-D (replicate, shard) mesh (HSDP) over the data-parallel ranks."""
     from torch.distributed.device_mesh import init_device_mesh
 
     dp = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
     world = dp.size()
-    if replicate <= 1:
+    if replicate <= 1 and not hsdp:
         return dp
+    replicate = max(replicate, 1)
     if world % replicate:
         raise ConfigError(
             f"model.parallel.data_parallel_replicate={replicate} does not divide the {world} data-parallel ranks; "
@@ -87,6 +89,9 @@ def shard_frozen(model: nn.Module, mesh, cfg: ParallelConfig) -> None:
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    # No backward follows a frozen model's forward, so FSDP2 would leave the root's parameters gathered
+    # after each call; reshard after every forward to keep the memory sharded.
+    model.register_forward_hook(lambda mod, args, out: mod.reshard() or None)
 
 
 def apply_compile(backbone: nn.Module) -> None:
@@ -108,7 +113,7 @@ def parallelize_module(module, device_mesh, cfg: ParallelConfig) -> None:
         apply_compile(backbone)
     if device_mesh is None:
         return
-    mesh = data_parallel_mesh(device_mesh, cfg.data_parallel_replicate)
+    mesh = data_parallel_mesh(device_mesh, cfg.data_parallel_replicate, cfg.hsdp)
     shard_transformer(backbone, mesh, cfg)
     reference = getattr(module, "reference", None)
     if reference is not None:
