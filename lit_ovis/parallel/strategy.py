@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
@@ -29,3 +29,23 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         self.barrier("lit_ovis_ckpt_post")
+
+
+def _ovis_blocks():
+    from diffusers.models.transformers.transformer_ovis_image import OvisImageSingleTransformerBlock, OvisImageTransformerBlock
+
+    return {OvisImageTransformerBlock, OvisImageSingleTransformerBlock}
+
+
+class OvisFSDPStrategy(FSDPStrategy):
+    """Lightning's classic FSDPStrategy (FSDP1) wrapped at MMDiT block granularity, for users who expect it
+    (GPU only: FSDPStrategy refuses CPU)."""
+
+    def __init__(self, sharding_strategy: str = "HYBRID_SHARD", activation_checkpointing: bool = True, state_dict_type: str = "sharded",
+                 limit_all_gathers: bool = True, cpu_offload: bool = False):
+        blocks = _ovis_blocks()
+        super().__init__(
+            sharding_strategy=sharding_strategy, auto_wrap_policy=blocks,
+            activation_checkpointing_policy=blocks if activation_checkpointing else None,
+            state_dict_type=state_dict_type, limit_all_gathers=limit_all_gathers, cpu_offload=cpu_offload,
+        )
