@@ -99,3 +99,32 @@ def test_per_sample_times_and_grad_flows_through_mean():
 def test_gaussian_log_prob_rejects_bad_reduce():
     with pytest.raises(ValueError, match="reduce"):
         gaussian_log_prob(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), reduce="max")
+
+
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_rollout_loop_matches_ode_sampler_at_zero_noise_and_stores_log_probs(tiny_backbone, kind):
+    from lit_ovis.models.text_encoder import text_ids
+    from lit_ovis.models.vae import latent_image_ids
+    from lit_ovis.sampling.ode import euler_sample, sigma_schedule, velocity
+    from lit_ovis.sampling.sde import sde_sample
+
+    g = torch.Generator().manual_seed(0)
+    dim = tiny_backbone.config.joint_attention_dim
+    x = torch.randn(2, 4, 64, generator=g)
+    emb, neg = torch.randn(2, 8, dim, generator=g), torch.randn(2, 8, dim, generator=g)
+    txt, img = text_ids(8), latent_image_ids(4, 4)
+    sigmas = sigma_schedule(4, 4)
+    ode = euler_sample(tiny_backbone, x, emb, txt, img, sigmas, negative_embeds=neg, guidance_scale=3.0)
+    traj0 = sde_sample(tiny_backbone, x, emb, txt, img, sigmas, kind, 0.0, neg, 3.0)
+    torch.testing.assert_close(traj0.latents[:, -1], ode, rtol=1e-5, atol=1e-5)
+    traj = sde_sample(tiny_backbone, x, emb, txt, img, sigmas, kind, 0.7, neg, 3.0, generator=g)
+    assert traj.latents.shape == (2, 5, 4, 64) and traj.log_probs.shape == (2, 4)
+    # each stored log-prob is the density of the stored transition under the same model
+    with torch.no_grad():
+        for k in range(4):
+            v = velocity(tiny_backbone, traj.latents[:, k], sigmas[k], emb, txt, img, neg, guidance_scale=3.0)
+            out = sampler_step(kind, traj.latents[:, k], v, sigmas[k], sigmas[k + 1], noise_level=0.7,
+                               prev_sample=traj.latents[:, k + 1])
+            torch.testing.assert_close(out.log_prob, traj.log_probs[:, k])
+            torch.testing.assert_close(step_noise(out), traj.noise[:, k], rtol=1e-4, atol=1e-4)
+    assert (traj.std[:3] > 0).all() and (traj.std[3] > 0) == (kind == "sde")

@@ -1,0 +1,172 @@
+"""GRPOModule: on-policy consistency, LoRA reference, the config's tiny override, and learning a reward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
+from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, LoRASettings, reward_grid
+from lit_ovis.parallel.fsdp import ParallelConfig
+from lit_ovis.sampling.generate import SamplingConfig
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo.yaml"
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3))
+
+
+def prompt_loader(n_prompts=2, batch_size=2, repeats=500):
+    items = [{"prompts": f"sign {i}", "target_texts": f"T{i}", "languages": "en"} for i in range(n_prompts)]
+    return DataLoader(items * repeats, batch_size=batch_size)
+
+
+def tiny_grpo(lr=1e-3, lora=False, **grpo):
+    kw = dict(group_size=4, rollout_steps=4, height=32, width=32, guidance_scale=1.0, rollout_batch_size=8,
+              train_batch_size=8, clip_range=0.2, kl_beta=0.01, window_size=2, log_images_every_n_steps=0)
+    kw.update(grpo)
+    m = GRPOModule(encoders=EncoderConfig(max_sequence_length=8), optimizer=OptimizerConfig(lr=lr),
+                   sampling=SamplingConfig(steps=4, guidance_scale=1.0, height=32, width=32),
+                   grpo=GRPOConfig(**kw), lora=LoRASettings(enabled=lora, rank=4, alpha=8))
+    m.configure_model()
+    m.reward_fns = {"brightness": brightness}
+    return m
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def fit(module, steps, loader=None, **trainer_kw):
+    rec = Recorder()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[rec], **trainer_kw)
+    trainer.fit(module, loader or prompt_loader())
+    return rec.rows
+
+
+def test_first_update_is_on_policy_and_reference_stays_frozen():
+    L.seed_everything(0)
+    m = tiny_grpo(window="all")
+    ref_before = {k: v.clone() for k, v in m.reference.state_dict().items()}
+    rows = fit(m, 2)
+    # log-probs recomputed in the update equal the rollout's: the ratio is exactly 1 before the optimizer step
+    for row in rows:
+        assert abs(row["train/ratio_min"] - 1) < 1e-5 and abs(row["train/ratio_max"] - 1) < 1e-5
+        assert row["train/clip_frac"] == 0.0
+        assert row["window/start"] == 0 and row["window/end"] == 3  # CPS: the step to t = 0 is deterministic
+    assert rows[0]["train/kl"] == pytest.approx(0.0, abs=1e-10)  # policy == reference at the first step
+    assert rows[1]["train/kl"] > 0
+    for k, v in m.reference.state_dict().items():
+        assert torch.equal(v, ref_before[k])
+    assert not any(k.startswith("reference") for k in m.state_dict())  # the reference is not checkpointed
+
+
+def test_lora_trains_only_the_adapter_and_uses_base_as_reference():
+    L.seed_everything(0)
+    m = tiny_grpo(lora=True, lr=1e-2)
+    assert m.reference is None
+    trainable = [n for n, p in m.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    base = {n: p.clone() for n, p in m.backbone.named_parameters() if "lora" not in n}
+    rows = fit(m, 3)
+    assert all(torch.equal(p, base[n]) for n, p in m.backbone.named_parameters() if "lora" not in n)
+    assert rows[-1]["train/kl"] > 0  # policy (adapter on) has left the reference (adapter off)
+    # reference velocity is the base model's: disabling the adapter gives the untouched weights' output
+    x = torch.randn(2, 4, 64)
+    from lit_ovis.models.text_encoder import text_ids
+    from lit_ovis.models.vae import latent_image_ids
+    emb = torch.randn(2, 8, m.backbone.config.joint_attention_dim)
+    txt, img = text_ids(8), latent_image_ids(4, 4)
+    with torch.no_grad():
+        v_ref = m.reference_velocity(x, torch.tensor(0.5), emb, txt, img, None)
+        v_pol = m.predict_velocity(m.backbone, x, torch.full((2,), 0.5), dict(encoder_hidden_states=emb, txt_ids=txt, img_ids=img))
+        m.backbone.delete_adapters("default")
+        v_base = m.predict_velocity(m.backbone, x, torch.full((2,), 0.5), dict(encoder_hidden_states=emb, txt_ids=txt, img_ids=img))
+    torch.testing.assert_close(v_ref, v_base)
+    assert not torch.allclose(v_pol, v_base)
+
+
+def test_logp_change_window_scores_only_trained_steps():
+    L.seed_everything(0)
+    m = tiny_grpo(window_signal="logp_change", window_explore=0.0, inner_epochs=2, train_batch_size=4)
+    fit(m, 4)  # 1 iteration = 2 epochs x 2 mini-batches = 4 optimizer steps
+    rows_window = m.step_scores
+    trained = rows_window > 0
+    assert trained.sum() == 2 and rows_window[3] == 0  # the 2-step window was scored; the deterministic step never
+    start = int(torch.nonzero(trained).flatten()[0])
+    assert bool(trained[start + 1])
+
+
+def _tiny_override(init_args: dict) -> dict:
+    init_args["backbone"] = {"preset": "tiny", "pretrained": None}
+    init_args["encoders"] = {**init_args["encoders"], "text_encoder": "tiny", "vae": "tiny", "dtype": "fp32", "max_sequence_length": 32}
+    init_args["parallel"] = {**init_args["parallel"], "activation_checkpointing": "none"}
+    init_args["grpo"].update(height=32, width=32, group_size=4, rollout_steps=4, window_size=2,
+                             rollout_batch_size=8, train_batch_size=8, rewards={"brightness": 1.0})
+    return init_args
+
+
+def test_config_runs_on_cpu_with_the_tiny_override():
+    cfg = yaml.safe_load(CONFIG.read_text())
+    assert cfg["model"]["class_path"] == "lit_ovis.modules.grpo.GRPOModule"
+    args = _tiny_override(cfg["model"]["init_args"])
+    sections = dict(backbone=BackboneConfig, encoders=EncoderConfig, optimizer=OptimizerConfig, ema=EMAConfig,
+                    sampling=SamplingConfig, parallel=ParallelConfig, grpo=GRPOConfig, lora=LoRASettings)
+    m = GRPOModule(**{k: sections[k](**v) for k, v in args.items()})
+    assert m.grpo.sampler == "cps" and m.grpo.rollout_steps < m.sampling_cfg.steps and m.grpo.kl_beta > 0
+    m.configure_model()
+    fns = m.build_rewards()  # the real scorer registry: lit_ovis.scoring's "brightness"
+    assert list(fns) == ["brightness"]
+    L.seed_everything(0)
+    rows = fit(m, 2)
+    last = rows[-1]
+    for key in ("reward/mean", "reward/brightness_mean", "adv/std", "train/kl", "train/clip_frac", "train/ratio_mean",
+                "window/start", "window/end", "train/grad_norm"):
+        assert key in last and torch.isfinite(torch.tensor(last[key])), key
+    assert last["window/end"] - last["window/start"] == 2
+
+
+def test_reward_grid_stamps_rewards():
+    imgs = torch.full((3, 3, 32, 32), 0.5)
+    grid = reward_grid(imgs, torch.tensor([0.1, 0.2, 0.3]), nrow=2)
+    assert grid.shape == (3, 2 * 34, 2 * 34)
+    assert grid[:, :34, :34].std() > 0  # the stamp changed pixels of a flat image
+
+
+def test_tensorboard_grid_logged(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    L.seed_everything(0)
+    m = tiny_grpo(log_images_every_n_steps=1)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="tb"),
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(m, prompt_loader())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next(tmp_path.rglob("events.out.*")).parent))
+    acc.Reload()
+    assert "rollouts" in acc.Tags()["images"]
+    assert "reward/brightness_mean" in acc.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_grpo_raises_brightness_reward():
+    """Mean rollout reward (image brightness) rises by many times its initial within-group spread."""
+    L.seed_everything(0)
+    m = tiny_grpo(lr=3e-3, group_size=8, rollout_batch_size=16, train_batch_size=16, rollout_steps=4, window_size=2)
+    rows = fit(m, 60)
+    rewards = [r["reward/mean"] for r in rows]
+    spread = rows[0]["reward/std"]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last - first > 5 * spread, (first, last, spread, rewards)
