@@ -1,4 +1,9 @@
-"""Finding the checkpoint a rerun resumes from: the newest *complete* one, never a half-written file."""
+"""Finding the checkpoint a rerun resumes from: the newest *complete* one, never a half-written file.
+
+Candidates: `last.ckpt` and the other checkpoints of every ModelCheckpoint directory, `<root>/checkpoints`,
+and the `hpc_ckpt_N.ckpt` files Lightning writes in `default_root_dir` when SLURM signals a job before its
+time limit or a preemption. The newest complete candidate wins.
+"""
 
 from __future__ import annotations
 
@@ -26,17 +31,24 @@ def checkpoint_dirs(trainer) -> list[Path]:
     return dirs
 
 
-def resolve_ckpt_path(trainer_or_dir) -> str | None:
-    """`last` checkpoint if complete, else the newest complete checkpoint, else None (fresh start)."""
-    dirs = [Path(trainer_or_dir)] if isinstance(trainer_or_dir, (str, os.PathLike)) else checkpoint_dirs(trainer_or_dir)
-    candidates: list[Path] = []
+def candidates(dirs: list[Path], root: Path | None) -> list[Path]:
+    found: list[Path] = []
     for d in dirs:
-        if not d.is_dir():
-            continue
-        last = [p for p in (d / "last.ckpt", d / "last", d / ".last.ckpt.old") if p.exists() and is_complete(p)]
-        if last:
-            return str(last[0])
-        candidates += [p for p in d.iterdir() if is_complete(p)]
-    if not candidates:
+        if d.is_dir():
+            found += [p for p in d.iterdir() if is_complete(p)]
+    if root is not None and root.is_dir():
+        found += [p for p in root.glob("hpc_ckpt_*.ckpt") if is_complete(p)]
+    return found
+
+
+def resolve_ckpt_path(trainer_or_dir) -> str | None:
+    """The newest complete checkpoint, or None (fresh start)."""
+    if isinstance(trainer_or_dir, (str, os.PathLike)):
+        dirs, root = [Path(trainer_or_dir)], None
+    else:
+        dirs, root = checkpoint_dirs(trainer_or_dir), Path(getattr(trainer_or_dir, "default_root_dir", ".") or ".")
+    found = candidates(dirs, root)
+    if not found:
         return None
-    return str(max(candidates, key=lambda p: p.stat().st_mtime))
+    # `last` wins ties (it is written right after the step checkpoint of the same step).
+    return str(max(found, key=lambda p: (p.stat().st_mtime, p.name.startswith("last"))))

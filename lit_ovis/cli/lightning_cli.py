@@ -13,7 +13,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_ovis.errors import CheckpointError, ConfigError, DataError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+# FileNotFoundError: a --ckpt_path or data path that does not exist deserves one line, not a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
 
 
 class OvisCLI(LightningCLI):

@@ -34,6 +34,8 @@ def build_backbone(
     `.safetensors` file in diffusers key layout, or a hub id (only when the user has network access or a
     local cache). `device="meta"` builds without allocating memory (parameter counting, FSDP init).
     """
+    if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
+        pretrained = None  # a command-line `null` that arrived as text
     if pretrained and not _is_single_file(pretrained):
         return _from_pretrained_folder(pretrained, dtype=dtype)
     config = backbone_config(preset)

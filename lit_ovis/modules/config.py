@@ -11,6 +11,9 @@ class BackboneConfig:
     preset: str = "tiny"  # "tiny" or "ovis-image-7b"
     pretrained: str | None = None  # diffusers folder, .safetensors file or hub id; None = random init
 
+    def __post_init__(self):
+        self.pretrained = none_if_null(self.pretrained)
+
 
 @dataclass
 class EncoderConfig:
@@ -48,6 +51,11 @@ class FlowConfig:
     loss_weighting: str = "none"  # "none" | "cosmap" | "sigma_sqrt"
     caption_dropout: float = 0.1  # probability of the empty prompt (trains CFG's unconditional branch)
     loss_buckets: int = 4  # log the loss per timestep range
+
+
+def none_if_null(value):
+    """Command-line `null` can arrive as the string "None"/"null"; it means no path."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "none", "null") else value
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

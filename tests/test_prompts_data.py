@@ -1,0 +1,32 @@
+"""Prompt DataModule for GRPO / predict: EN+ZH prompts quoting their target text, sharded, resumable."""
+
+from __future__ import annotations
+
+import json
+
+from data_modules.prompts import PromptDataModule, synthetic_prompts
+
+
+def test_synthetic_prompts_quote_target_and_mix_languages():
+    items = synthetic_prompts(40)
+    assert {it["language"] for it in items} == {"en", "zh"}
+    assert all(f'"{it["target_text"]}"' in it["prompt"] for it in items)
+    assert synthetic_prompts(40) == items  # deterministic
+
+
+def test_file_prompts_shard_and_resume(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f'sign "{w}"', "target_text": w}) for w in "ABCDEFGH"))
+    dm = PromptDataModule(prompt_file=str(f), synthetic_prompts=0, batch_size=2)
+    dm.setup("fit")
+    full = [b["prompts"] for b in dm.train_dataloader()]
+    assert sorted(sum(full, [])) == sorted(f'sign "{w}"' for w in "ABCDEFGH")
+    dm = PromptDataModule(prompt_file=str(f), synthetic_prompts=0, batch_size=2)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    first = dm.on_after_batch_transfer(next(it), 0)
+    state = dm.state_dict()
+    resumed = PromptDataModule(prompt_file=str(f), synthetic_prompts=0, batch_size=2)
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    assert [first["prompts"]] + [b["prompts"] for b in resumed.train_dataloader()] == full
