@@ -17,20 +17,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
 
 from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
 from lit_ovis.errors import CheckpointError
+from lit_ovis.generator import _cfg
 from lit_ovis.models.backbone import build_backbone
 from lit_ovis.models.text_encoder import build_text_encoder
 from lit_ovis.models.vae import build_vae
 from lit_ovis.modules.config import BackboneConfig, EncoderConfig
 from lit_ovis.sampling.generate import SamplingConfig
-
-
-def _cfg(hparams: dict, key: str, cls):
-    value = hparams.get(key)
-    if value is None:
-        return cls()
-    if isinstance(value, dict):
-        return cls(**value)
-    return value
 
 
 def scheduler_for(sampling: SamplingConfig) -> FlowMatchEulerDiscreteScheduler:
