@@ -100,4 +100,8 @@ class PromptDataModule(LatentDataModule):
         return self._loader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader()
+        # Every prompt exactly once (no dropped remainder), in a fixed order.
+        trainer = self.trainer
+        sampler = BucketBatchSampler([len(self.dataset)], self.batch_size, self.seed, trainer.global_rank if trainer else 0,
+                                     trainer.world_size if trainer else 1, drop_last=False)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate_prompts)

@@ -69,20 +69,22 @@ def batch_plan(sizes: list[int], batch_size: int, seed: int, epoch: int, world_s
         stop = n - n % batch_size if drop_last else n
         batches += [[(b, i) for i in order[s : s + batch_size]] for s in range(0, stop, batch_size)]
     rng.shuffle(batches)
+    if not drop_last:  # inference: every sample once, ranks may get one batch more than others
+        return batches
     return batches[: len(batches) - len(batches) % world_size]
 
 
 class BucketBatchSampler(Sampler):
     """Yields this rank's batches of the epoch plan as lists of (epoch, position, bucket, index)."""
 
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int, world_size: int):
-        self.sizes, self.batch_size, self.seed = sizes, batch_size, seed
+    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int, world_size: int, drop_last: bool = True):
+        self.sizes, self.batch_size, self.seed, self.drop_last = sizes, batch_size, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start = 0  # position in this rank's plan to resume from
 
     def rank_plan(self, epoch: int) -> list[list[tuple[int, int]]]:
-        return batch_plan(self.sizes, self.batch_size, self.seed, epoch, self.world_size)[self.rank :: self.world_size]
+        return batch_plan(self.sizes, self.batch_size, self.seed, epoch, self.world_size, self.drop_last)[self.rank :: self.world_size]
 
     def __len__(self) -> int:
         return len(self.rank_plan(self.epoch))

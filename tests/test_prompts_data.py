@@ -30,3 +30,12 @@ def test_file_prompts_shard_and_resume(tmp_path):
     resumed.load_state_dict(state)
     resumed.setup("fit")
     assert [first["prompts"]] + [b["prompts"] for b in resumed.train_dataloader()] == full
+
+
+def test_predict_loader_keeps_every_prompt(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(f"prompt {i}" for i in range(5)))
+    dm = PromptDataModule(prompt_file=str(f), synthetic_prompts=0, batch_size=2)
+    dm.setup("predict")
+    got = sum((b["prompts"] for b in dm.predict_dataloader()), [])
+    assert sorted(got) == [f"prompt {i}" for i in range(5)]
