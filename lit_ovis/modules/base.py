@@ -9,6 +9,7 @@ backbone in diffusers key layout under `backbone.` and export is a rename, not a
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import lightning as L
@@ -122,6 +123,15 @@ class OvisBaseModule(L.LightningModule):
         if self._empty_embed is None or self._empty_embed.device != self.device:
             self._empty_embed = self.text_encoder.encode([""]).to(self.device, self.compute_dtype)
         return self._empty_embed
+
+    def step_generator(self, batch_idx: int = 0) -> torch.Generator:
+        """A generator seeded from (run seed, rank, step, micro-batch): noise differs across ranks, and a
+        resumed run draws exactly what the uninterrupted run drew, with no RNG state to checkpoint."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        rank = self.global_rank if self._trainer is not None else 0
+        step = self.global_step if self._trainer is not None else 0
+        mixed = (seed * 1_000_003 + rank * 7_919 + step * 131 + batch_idx) % (2**63 - 1)
+        return torch.Generator(device=self.device).manual_seed(mixed)
 
     @property
     def compute_dtype(self) -> torch.dtype:

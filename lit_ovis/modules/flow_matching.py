@@ -55,7 +55,7 @@ class FlowMatchingModule(OvisBaseModule):
         return loss, per_sample, t
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
-        loss, per_sample, t = self.flow_loss(batch)
+        loss, per_sample, t = self.flow_loss(batch, generator=self.step_generator(batch_idx))
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=per_sample.shape[0])
         self._log_timestep_buckets("train", per_sample.detach(), t)
         return loss
