@@ -30,7 +30,15 @@ def test_attention_backend_switch_through_config():
     class Holder:
         backbone = build_backbone("tiny").eval()
 
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     ref = _forward(build_backbone("tiny").eval())
+    previous = _AttentionBackendRegistry._active_backend
     parallelize_module(Holder, None, ParallelConfig(attention_backend="_native_math"))
-    with torch.no_grad():
-        torch.testing.assert_close(_forward(Holder.backbone), ref.detach(), atol=1e-5, rtol=1e-5)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(_forward(Holder.backbone), ref.detach(), atol=1e-5, rtol=1e-5)
+    finally:
+        # diffusers also sets a process-wide active backend: undo both for the tests that follow
+        Holder.backbone.reset_attention_backend()
+        _AttentionBackendRegistry._active_backend = previous
