@@ -41,12 +41,24 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def _relative_update_diff(a: dict, b: dict) -> float:
+    """‖w_a − w_b‖ / ‖w_a − w_init‖ over all weights: how far apart two runs' updates are."""
+    diff = sum(((a["state"][k] - b["state"][k]) ** 2).sum() for k in a["state"]) ** 0.5
+    update = sum(((a["state"][k] - a["init_state"][k]) ** 2).sum() for k in a["state"]) ** 0.5
+    return float(diff / update)
+
+
 def test_fsdp2_matches_single_process(runs):
     single, fsdp = runs["single"], runs["fsdp"]
     assert fsdp["losses"] == pytest.approx(single["losses"][:2], rel=1e-6)
     # after 2 steps the weights agree (single has one more step: compare with a 2-step single run)
     two = train(runs["dir"] / "single2.pt", 1, "single", steps=2)
-    assert _max_diff(two["state"], fsdp["state"]) < 1e-5
+    assert _max_diff(two["init_state"], fsdp["init_state"]) == 0.0
+    # Reduce-scatter sums gradients in another order, and Adam divides by sqrt(v): a gradient within
+    # rounding of zero can move its weight by a visible fraction of the LR. So the whole update must agree
+    # to 1e-3 relative, and no single weight may differ by more than 5% of the two steps' summed LR (1e-3).
+    assert _relative_update_diff(two, fsdp) < 1e-3
+    assert _max_diff(two["state"], fsdp["state"]) < 5e-5
 
 
 def test_hsdp_1x2_mesh_matches_single_process(runs):

@@ -40,6 +40,10 @@ class FixedNoiseSet(Dataset):
 class LossRecorder(L.Callback):
     def __init__(self):
         self.losses = []
+        self.init_state: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.init_state = full_state(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
@@ -93,7 +97,7 @@ def main():
         trainer.save_checkpoint(args.save)
     state = full_state(module)
     if trainer.global_rank == 0:
-        torch.save({"losses": recorder.losses, "state": state}, args.out)
+        torch.save({"losses": recorder.losses, "state": state, "init_state": recorder.init_state}, args.out)
 
 
 if __name__ == "__main__":
