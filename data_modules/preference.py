@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from data_modules.buckets import assign_bucket, bucket_name, make_buckets, resize_to_bucket
+from data_modules.layout import REPORT, read_json, swap_in, temp_dir, update_root_report, write_json_atomic
 from data_modules.streaming import LatentDataModule
 
 
@@ -27,9 +27,14 @@ class PreferenceDataModule(LatentDataModule):
 
     def __init__(self, root: str = "data/pairs", batch_size: int = 4, num_workers: int = 2, seed: int = 0,
                  resolutions: list[int] | None = None, synthetic_pairs: int = 0, synthetic_resolution: int = 64,
-                 text_encoder: str | None = "tiny", vae: str = "tiny", max_sequence_length: int = 256):
-        super().__init__(root, batch_size, num_workers, seed, resolutions, 0, synthetic_resolution, text_encoder, vae, max_sequence_length)
+                 text_encoder: str | None = "tiny", vae: str = "tiny", max_sequence_length: int = 256,
+                 val_samples_per_bucket: int = 0, val_root: str | None = None, val_batch_size: int | None = None):
+        super().__init__(root, batch_size, num_workers, seed, resolutions, 0, synthetic_resolution, text_encoder, vae, max_sequence_length,
+                         val_samples_per_bucket, val_root, val_batch_size)
         self.synthetic_pairs = synthetic_pairs
+
+    def _resolutions(self) -> list[int] | None:
+        return self.resolutions or ([self.synthetic["resolution"]] if self.synthetic_pairs > 0 else None)
 
     def prepare_data(self) -> None:
         if self.synthetic_pairs > 0:
@@ -65,27 +70,32 @@ def build_synthetic_pairs(root: str, n: int, resolution: int = 64, text_encoder:
             item["prompt_embeds"] = e[: int(nz.max()) + 1 if len(nz) else 0].half()
         groups.setdefault(bucket_name(bucket), []).append(item)
     out = Path(root)
-    tmp = out / f".{resolution}.tmp"
+    tmp = temp_dir(out, resolution)
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for name, items in groups.items():
         writer = BinaryWriter(str(tmp / name), chunk_bytes="64MB")
         for k, item in enumerate(items):
             writer[k] = item
         writer.done()
         writer.merge()
-    shutil.rmtree(out / str(resolution), ignore_errors=True)
-    os.replace(tmp, out / str(resolution))
-    report = {"inputs": n, "kept": n, "resolution": resolution, "buckets": {k: len(v) for k, v in groups.items()}, "kind": "synthetic_pairs"}
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report = {"inputs": n, "kept": n, "resolution": resolution, "buckets": {k: len(v) for k, v in sorted(groups.items())},
+              "has_prompt_embeds": encoder is not None, "kind": "synthetic_pairs",
+              "fingerprint": _pairs_fingerprint(n, resolution, text_encoder, vae, max_sequence_length, seed)}
+    write_json_atomic(tmp / REPORT, report)
+    swap_in(tmp, out / str(resolution))
+    update_root_report(out)
     return report
 
 
+def _pairs_fingerprint(*settings) -> str:
+    return "synthetic_pairs:" + json.dumps(settings)
+
+
 def ensure_synthetic_pairs(root: str, n: int, resolution: int = 64, text_encoder: str | None = "tiny", vae: str = "tiny", max_sequence_length: int = 256) -> dict:
-    report_path = Path(root) / "report.json"
-    if report_path.exists():
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        if report.get("inputs") == n and report.get("resolution") == resolution:
-            return report
+    report = read_json(Path(root) / str(resolution) / REPORT)
+    if report and report.get("fingerprint") == _pairs_fingerprint(n, resolution, text_encoder, vae, max_sequence_length, 0):
+        return report
     Path(root).mkdir(parents=True, exist_ok=True)
     return build_synthetic_pairs(root, n, resolution, text_encoder, vae, max_sequence_length)
 

@@ -1,17 +1,25 @@
 """`lit-ovis prepare`: images + captions (folder, manifest, or the synthetic engine) -> one LitData
-dataset per aspect-ratio bucket of VAE latents (and optionally text embeddings), plus `report.json`.
+dataset per aspect-ratio bucket of VAE latents (and optionally text embeddings), plus reports.
 
-Steps: decode and validate -> filter (min side, aspect ratio, captions) -> perceptual-hash dedup ->
-bucket for the target area -> resize + centre-crop -> VAE-encode in batches -> (text-encode) -> write.
+Steps: decode and validate -> filter (min side, aspect ratio, captions) -> perceptual hash -> bucket for
+the target area -> resize + centre-crop -> VAE-encode in batches -> (text-encode) -> near-duplicate
+removal (pHash Hamming distance <= --dedup-threshold, first copy kept) -> write.
 
-Restartable: inputs are processed in fixed shards; each finished shard is saved atomically under
-`<out>/_work/`, and a rerun skips finished shards, so a killed job continues where it stopped and never
-duplicates samples. The final LitData write is rebuilt from the shards (cheap) each time.
+Several resolutions share one --output-dir (`<out>/<resolution>/<WxH>/`, see data_modules/layout.py).
+
+Restartable and cache-correct: inputs are processed in fixed shards; each finished shard is saved
+atomically as `<out>/_work/<resolution>/<key>.pt`, where the key is a hash of the shard's records
+(ids, captions, file sizes and mtimes) and of every config field that changes a record's output
+(resolution, filters, VAE, text encoder, storage dtype, synthetic seed). A rerun after a kill reuses
+finished shards and never duplicates samples; changed inputs or settings get new keys and are redone.
+The final write streams the shards one at a time into the bucket datasets. A rerun whose inputs and
+settings are unchanged (same fingerprint in `<out>/<resolution>/report.json`) does nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -27,11 +35,16 @@ import torch
 from tqdm import tqdm
 
 from data_modules.buckets import assign_bucket, bucket_name, make_buckets, resize_to_bucket
+from data_modules.dedup import MAX_THRESHOLD, NearDuplicateIndex
+from data_modules.layout import FORMAT, REPORT, WORK, read_json, swap_in, temp_dir, update_root_report, write_json_atomic
 from data_modules.records import Record, Skip, check_caption, load_image, records_from_folder, records_from_manifest
-from lit_ovis.errors import DataError
+from lit_ovis.errors import ConfigError, DataError
 
-REPORT = "report.json"
-WORK = "_work"
+# Config fields that change what one record turns into: part of every shard's cache key.
+RECORD_FIELDS = ("resolution", "min_side", "min_aspect", "max_aspect", "max_caption_chars", "vae", "text_encoder",
+                 "max_sequence_length", "storage_dtype", "seed", "synthetic_size")
+# Fields that only change which processed samples are written: part of the dataset fingerprint.
+FINAL_FIELDS = ("dedup", "dedup_threshold")
 
 
 @dataclass
@@ -43,6 +56,7 @@ class PrepareConfig:
     max_aspect: float = 4.0
     max_caption_chars: int = 2000
     dedup: bool = True
+    dedup_threshold: int = 4  # near-duplicate: pHashes within this many of 64 bits (0 = identical hashes only)
     shard_size: int = 256
     batch_size: int = 16  # VAE / text-encoder batch
     num_workers: int = 2  # decode/render processes
@@ -53,6 +67,17 @@ class PrepareConfig:
     device: str = "auto"
     seed: int = 0  # synthetic engine seed
     synthetic_size: int | None = None  # synthetic base side (default: resolution)
+    write_buffer_mb: int = 1024  # RAM for the final write's open chunk buffers, shared by all buckets
+
+    def check(self) -> None:
+        if self.resolution < 16 or self.resolution % 16:
+            raise ConfigError(f"--resolution must be a positive multiple of 16 (got {self.resolution})")
+        if not 0 <= self.dedup_threshold <= MAX_THRESHOLD:
+            raise ConfigError(f"--dedup-threshold must be between 0 and {MAX_THRESHOLD} bits of 64 (got {self.dedup_threshold}); 4 is typical")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ConfigError(f"--shard-size and --batch-size must be >= 1 (got {self.shard_size}, {self.batch_size})")
+        if not 0 < self.min_aspect <= 1 <= self.max_aspect:
+            raise ConfigError(f"--min-aspect/--max-aspect must satisfy 0 < min <= 1 <= max (got {self.min_aspect}, {self.max_aspect})")
 
 
 # ------------------------------------------------------------------------------------ per-record work
@@ -62,8 +87,6 @@ def _process(record: Record, cfg: PrepareConfig, buckets: list[tuple[int, int]])
 
     try:
         if record.synthetic_index is not None:
-            from data_modules.synthetic.engine import TextRenderingEngine
-
             engine = _engine(cfg)
             rendered = engine.render(record.synthetic_index)
             image, caption = rendered.image, rendered.caption
@@ -77,7 +100,9 @@ def _process(record: Record, cfg: PrepareConfig, buckets: list[tuple[int, int]])
         ar = image.width / image.height
         if not cfg.min_aspect <= ar <= cfg.max_aspect:
             raise Skip("aspect_ratio")
-        phash = str(imagehash.phash(image)) if cfg.dedup else ""
+        # Synthetic renders are distinct by construction (different text in a similar layout can hash
+        # within a few bits), so only real images take part in near-duplicate removal.
+        phash = None if record.synthetic_index is not None else int(str(imagehash.phash(image)), 16)
         bucket = assign_bucket(image.width, image.height, buckets)
         pixels = np.asarray(resize_to_bucket(image, bucket), dtype=np.uint8)
     except Skip as skip:
@@ -88,17 +113,17 @@ def _process(record: Record, cfg: PrepareConfig, buckets: list[tuple[int, int]])
     }, None
 
 
-_ENGINE = None
+_ENGINES: dict[tuple[int, int], object] = {}
 
 
 def _engine(cfg: PrepareConfig):
-    global _ENGINE
-    if _ENGINE is None:
+    # Render at least twice the min side so every aspect ratio passes the size filter.
+    key = (cfg.seed, cfg.synthetic_size or max(cfg.resolution, 2 * cfg.min_side))
+    if key not in _ENGINES:  # keyed: one process may prepare several resolutions / seeds
         from data_modules.synthetic.engine import TextRenderingEngine
 
-        # Render at least twice the min side so every aspect ratio passes the size filter.
-        _ENGINE = TextRenderingEngine(seed=cfg.seed, base_size=cfg.synthetic_size or max(cfg.resolution, 2 * cfg.min_side))
-    return _ENGINE
+        _ENGINES[key] = TextRenderingEngine(seed=key[0], base_size=key[1])
+    return _ENGINES[key]
 
 
 def _process_star(args):
@@ -144,8 +169,34 @@ class Encoders:
 
 
 # ------------------------------------------------------------------------------------------ shards
-def _shard_path(out: Path, k: int) -> Path:
-    return out / WORK / f"shard-{k:06d}.pt"
+def _record_identity(r: Record) -> list:
+    stat: list = [None, None]
+    if r.path is not None:
+        try:
+            st = os.stat(r.path)
+            stat = [st.st_size, st.st_mtime_ns]  # an edited image file gets a new key
+        except OSError:
+            pass
+    return [r.id, r.caption, r.path, r.language, r.target_text, r.synthetic_index, *stat]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:32]
+
+
+def shard_keys(records: list[Record], cfg: PrepareConfig) -> list[str]:
+    """Cache key of each input shard: its records and every config field that changes their output."""
+    fields = {k: getattr(cfg, k) for k in RECORD_FIELDS}
+    return [_digest([FORMAT, fields, [_record_identity(r) for r in records[i : i + cfg.shard_size]]])
+            for i in range(0, len(records), cfg.shard_size)]
+
+
+def dataset_fingerprint(keys: list[str], cfg: PrepareConfig) -> str:
+    return _digest([FORMAT, {k: getattr(cfg, k) for k in FINAL_FIELDS}, keys])
+
+
+def _work_dir(out: Path, resolution: int) -> Path:
+    return out / WORK / str(resolution)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -177,30 +228,65 @@ def _run_shard(records: list[Record], cfg: PrepareConfig, buckets, encoders: Enc
     return {"samples": samples, "skipped": dict(skipped), "inputs": len(records)}
 
 
-def _write_buckets(out: Path, samples: list[dict], resolution: int) -> dict[str, int]:
-    from litdata.streaming.writer import BinaryWriter
+def _chunk_bytes(cfg: PrepareConfig, n_buckets: int) -> int:
+    """LitData chunk size: all bucket writers are open at once, so their buffers share the RAM budget."""
+    mb = 1 << 20
+    return int(min(64 * mb, max(4 * mb, cfg.write_buffer_mb * mb // max(n_buckets, 1))))
 
-    by_bucket: dict[str, list[dict]] = {}
-    for s in samples:
-        by_bucket.setdefault(bucket_name(s["bucket"]), []).append(s)
-    sizes = {}
-    root = out / str(resolution)
-    tmp_root = out / f".{resolution}.tmp"
-    shutil.rmtree(tmp_root, ignore_errors=True)
-    for name, group in sorted(by_bucket.items()):
-        writer = BinaryWriter(str(tmp_root / name), chunk_bytes="64MB")
-        for i, s in enumerate(group):
-            item = {"id": s["id"], "caption": s["caption"], "language": s["language"], "target_text": s["target_text"], "latents": s["latents"]}
-            if s["prompt_embeds"] is not None:
-                item["prompt_embeds"] = s["prompt_embeds"]
-            writer[i] = item
-        writer.done()
-        writer.merge()
-        sizes[name] = len(group)
-    shutil.rmtree(root, ignore_errors=True)
-    if tmp_root.exists():
-        os.replace(tmp_root, root)
-    return sizes
+
+class _BucketWriters:
+    """One LitData writer per bucket under `root`, fed shard by shard in input order.
+
+    Memory: one shard (its tensors memory-mapped), the writers' chunk buffers (`write_buffer_mb`) and the
+    near-duplicate index (ints), independent of the dataset size."""
+
+    def __init__(self, root: Path, cfg: PrepareConfig, n_buckets: int):
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        self.root, self.chunk_bytes = root, _chunk_bytes(cfg, n_buckets)
+        self.index = NearDuplicateIndex(cfg.dedup_threshold) if cfg.dedup else None
+        self.writers: dict = {}
+        self.sizes: Counter = Counter()
+        self.skipped: Counter = Counter()
+        self.inputs = 0
+
+    def add_shard(self, path: Path) -> None:
+        # A function scope per shard: nothing of it outlives the call.
+        shard = torch.load(path, weights_only=True, mmap=True)
+        self.inputs += shard["inputs"]
+        self.skipped.update(shard["skipped"])
+        for s in shard["samples"]:
+            if self.index is not None and s["phash"] is not None and not self.index.add(s["phash"]):
+                self.skipped["duplicate"] += 1
+            else:
+                self._write(s)
+
+    def _write(self, s: dict) -> None:
+        from litdata.streaming.writer import BinaryWriter
+
+        name = bucket_name(s["bucket"])
+        if name not in self.writers:
+            self.writers[name] = BinaryWriter(str(self.root / name), chunk_bytes=self.chunk_bytes)
+        item = {"id": s["id"], "caption": s["caption"], "language": s["language"], "target_text": s["target_text"], "latents": s["latents"]}
+        if s["prompt_embeds"] is not None:
+            item["prompt_embeds"] = s["prompt_embeds"]
+        self.writers[name][self.sizes[name]] = item
+        self.sizes[name] += 1
+
+    def finish(self) -> dict:
+        for writer in self.writers.values():
+            writer.done()
+            writer.merge()
+        return {"inputs": self.inputs, "skipped": self.skipped, "buckets": dict(sorted(self.sizes.items())),
+                "dedup_comparisons": self.index.comparisons if self.index is not None else 0}
+
+
+def _write_buckets(tmp_root: Path, shard_paths: list[Path], cfg: PrepareConfig, n_buckets: int) -> dict:
+    """Stream the shards, in input order, into one LitData dataset per bucket under `tmp_root`."""
+    writers = _BucketWriters(tmp_root, cfg, n_buckets)
+    for path in shard_paths:
+        writers.add_shard(path)
+    return writers.finish()
 
 
 def synthetic_records(n: int) -> list[Record]:
@@ -208,56 +294,66 @@ def synthetic_records(n: int) -> list[Record]:
 
 
 def prepare(records: list[Record], cfg: PrepareConfig, progress: bool = True) -> dict:
+    """Prepare `records` at `cfg.resolution` into `cfg.output_dir`; returns that resolution's report."""
+    cfg.check()
     out = Path(cfg.output_dir)
-    (out / WORK).mkdir(parents=True, exist_ok=True)
+    work = _work_dir(out, cfg.resolution)
+    work.mkdir(parents=True, exist_ok=True)
     buckets = make_buckets(cfg.resolution, cfg.min_aspect, cfg.max_aspect)
     shards = [records[i : i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
-    todo = [k for k in range(len(shards)) if not _shard_path(out, k).exists()]
+    keys = shard_keys(records, cfg)
+    fingerprint = dataset_fingerprint(keys, cfg)
+    final = out / str(cfg.resolution)
+
+    done = read_json(final / REPORT)
+    if done and done.get("fingerprint") == fingerprint and all((final / b / "index.json").exists() for b in done["buckets"]):
+        update_root_report(out)
+        return {**done, "processed_this_run": 0, "reused_shards": len(keys), "seconds_this_run": 0.0}
+
+    paths = [work / f"{key}.pt" for key in keys]
+    todo = [k for k, path in enumerate(paths) if not path.exists()]
     start = time.perf_counter()
     if todo:
         encoders = Encoders(cfg)
         pool = ProcessPoolExecutor(cfg.num_workers) if cfg.num_workers > 1 else None
         try:
-            bar = tqdm(total=sum(len(shards[k]) for k in todo), desc="prepare", unit="img", disable=not progress, file=sys.stderr)
+            bar = tqdm(total=sum(len(shards[k]) for k in todo), desc=f"prepare {cfg.resolution}", unit="img", disable=not progress, file=sys.stderr)
             for k in todo:
-                result = _run_shard(shards[k], cfg, buckets, encoders, pool)
-                _atomic_torch_save(result, _shard_path(out, k))
+                _atomic_torch_save(_run_shard(shards[k], cfg, buckets, encoders, pool), paths[k])
                 bar.update(len(shards[k]))
             bar.close()
         finally:
             if pool is not None:
                 pool.shutdown()
-    elapsed = time.perf_counter() - start
 
-    # Finalise from all shards: global dedup (first occurrence wins), per-bucket datasets, report.
-    skipped: Counter = Counter()
-    kept, seen = [], set()
-    total = 0
-    for k in range(len(shards)):
-        shard = torch.load(_shard_path(out, k), weights_only=False)
-        total += shard["inputs"]
-        skipped.update(shard["skipped"])
-        for s in shard["samples"]:
-            if cfg.dedup and s["phash"] in seen:
-                skipped["duplicate"] += 1
-                continue
-            seen.add(s["phash"])
-            kept.append(s)
-    sizes = _write_buckets(out, kept, cfg.resolution)
+    tmp = temp_dir(out, cfg.resolution)
+    written = _write_buckets(tmp, paths, cfg, len(buckets))
+    skipped = written["skipped"]
     report = {
-        "inputs": total,
-        "kept": len(kept),
-        "skipped": dict(sorted(skipped.items())),
-        "buckets": sizes,
         "resolution": cfg.resolution,
+        "inputs": written["inputs"],
+        "kept": sum(written["buckets"].values()),
+        "skipped": dict(sorted(skipped.items())),
+        "buckets": written["buckets"],
         "has_prompt_embeds": bool(cfg.text_encoder),
+        "fingerprint": fingerprint,
+        "shards": len(keys),
+        "dedup": {"enabled": cfg.dedup, "threshold_bits": cfg.dedup_threshold, "bands": cfg.dedup_threshold + 1,
+                  "hash_comparisons": written["dedup_comparisons"]},
         "config": asdict(cfg),
         "processed_this_run": sum(len(shards[k]) for k in todo),
-        "seconds_this_run": round(elapsed, 3),
+        "reused_shards": len(keys) - len(todo),
+        "seconds_this_run": round(time.perf_counter() - start, 3),
     }
-    tmp = out / f".{REPORT}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out / REPORT)
+    write_json_atomic(tmp / REPORT, report)  # inside the dataset: report and data are swapped in together
+    swap_in(tmp, final)
+    current = {p.name for p in paths}
+    for stale in [*work.glob("*.pt"), *work.glob(".*.tmp-*")]:  # other inputs/settings; saves cut by a kill
+        if stale.name not in current:
+            stale.unlink(missing_ok=True)
+    for legacy in (out / WORK).glob("shard-*.pt"):  # format-1 cache, keyed by shard index only: never valid
+        legacy.unlink(missing_ok=True)
+    update_root_report(out)
     return report
 
 
@@ -286,11 +382,11 @@ def main(argv: list[str] | None = None) -> int:
             records = records_from_folder(args.image_dir)
         else:
             records = records_from_manifest(args.manifest)
-    except DataError as err:
+        report = prepare(records, cfg)
+    except (DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = prepare(records, cfg)
-    print(json.dumps({k: report[k] for k in ("inputs", "kept", "skipped", "buckets")}, ensure_ascii=False))
+    print(json.dumps({k: report[k] for k in ("resolution", "inputs", "kept", "skipped", "buckets")}, ensure_ascii=False))
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.streaming import BucketBatchSampler, LatentDataModule
+from data_modules.streaming import VAL_EPOCH, BucketBatchSampler, FixedBatchSampler, LatentDataModule, lockstep_batches, plan_digest
 from lit_ovis.errors import DataError
 
 
@@ -45,17 +45,22 @@ class PromptList(Dataset):
         return len(self.items)
 
     def __getitem__(self, key):
-        epoch, pos, _, i = key
-        return {**self.items[i], "_epoch": epoch, "_pos": pos}
+        epoch, consumed, steps, _, i = key
+        item = dict(self.items[i])
+        if epoch != VAL_EPOCH:  # training progress travels with the batch; predict batches carry none
+            item["_progress"] = (epoch, consumed, steps)
+        return item
 
 
 def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+    out = {
         "prompts": [x["prompt"] for x in items], "target_texts": [x.get("target_text", "") for x in items],
         "languages": [x.get("language", "en") for x in items], "ids": [x.get("id", "") for x in items],
         "seeds": [zlib.crc32(str(x.get("id", "")).encode()) % (2**31) for x in items],  # stable across processes
-        "_epoch": items[0]["_epoch"], "_pos": items[0]["_pos"],
     }
+    if "_progress" in items[0]:
+        out["_progress"] = items[0]["_progress"]
+    return out
 
 
 class PromptDataModule(LatentDataModule):
@@ -81,17 +86,13 @@ class PromptDataModule(LatentDataModule):
 
     def setup(self, stage: str) -> None:
         items = self.load_items()
-        trainer = self.trainer
-        rank = trainer.global_rank if trainer else 0
-        world = trainer.world_size if trainer else 1
-        if trainer is not None:
-            trainer._accelerator_connector.use_distributed_sampler = False
+        rank, world = self._rank_world()
         self.dataset = PromptList(items)
         self.sampler = BucketBatchSampler([len(items)], self.batch_size, self.seed, rank, world)
-        if not len(self.sampler):
+        self.plan_id = plan_digest(["prompts"], self.sampler.pools, self.batch_size, self.seed)
+        if stage == "fit" and not len(self.sampler):
             raise DataError(f"{len(items)} prompts are fewer than --data.batch_size={self.batch_size} x {world} ranks")
-        if self._resume is not None:
-            self._apply_resume()
+        self._apply_resume(self._resume if self._resume is not None else self.consumed)
 
     def _loader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate_prompts)
@@ -100,8 +101,7 @@ class PromptDataModule(LatentDataModule):
         return self._loader()
 
     def predict_dataloader(self) -> DataLoader:
-        # Every prompt exactly once (no dropped remainder), in a fixed order.
-        trainer = self.trainer
-        sampler = BucketBatchSampler([len(self.dataset)], self.batch_size, self.seed, trainer.global_rank if trainer else 0,
-                                     trainer.world_size if trainer else 1, drop_last=False)
+        # Every prompt exactly once, in file order, and the same number of batches on every rank.
+        rank, world = self._rank_world()
+        sampler = FixedBatchSampler(lockstep_batches([len(self.dataset)], self.batch_size, world), rank, world)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate_prompts)

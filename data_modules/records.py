@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from lit_ovis.errors import DataError
 
@@ -84,7 +84,8 @@ def records_from_manifest(manifest: str | Path) -> list[Record]:
 
 
 def load_image(path: str) -> Image.Image:
-    """Decode fully (catches truncation) and normalise to 8-bit RGB (CMYK, alpha, palette, 16-bit)."""
+    """Decode fully (catches truncation), apply the EXIF orientation (phone photos are stored sideways),
+    and normalise to 8-bit RGB (CMYK, alpha, palette, 16-bit)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -97,6 +98,7 @@ def load_image(path: str) -> Image.Image:
         raise Skip("too_large") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise Skip("corrupt") from None
+    img = _apply_exif_orientation(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         arr = (arr - arr.min()) / max(float(np.ptp(arr)), 1.0) * 255.0
@@ -108,6 +110,13 @@ def load_image(path: str) -> Image.Image:
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
         img = background
     return img.convert("RGB")
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block does not make the pixels unusable
+        return img
 
 
 def check_caption(caption: str, max_chars: int) -> str:

@@ -1,56 +1,100 @@
 """Streaming DataModule over prepared, aspect-ratio-bucketed LitData datasets.
 
-Batching: each epoch has a deterministic *batch plan* drawn from (seed, epoch): every bucket's samples
-are shuffled and cut into batches of one bucket each (so every batch has one latent shape), and all
-batches are shuffled together, so buckets are drawn in proportion to their size. The plan is cut to a
-multiple of the world size and dealt round-robin to ranks; DataLoader workers fetch the batches of
-their rank. Each batch carries its (epoch, position) in the rank's plan; the DataModule records the
-position of the last batch the model consumed and saves it in the Lightning checkpoint, so a resumed
-run continues mid-epoch with exactly the remaining batches (no sample repeated or skipped).
+Batching: each epoch has a deterministic *batch plan* drawn from (seed, epoch): every bucket's training
+samples are shuffled and cut into batches of one bucket each (so every batch has one latent shape), and
+all batches are shuffled together, so buckets are drawn in proportion to their size.
 
-Inputs may be local paths or any URL LitData streams from (s3://, gs://, ...).
+What an epoch leaves out: the last `n % batch_size` samples of each bucket (after that epoch's shuffle)
+do not fill a batch, and the plan is cut to a multiple of the world size (at most `world_size - 1`
+batches). Every other sample is seen exactly once per epoch across all ranks and workers; the
+left-out samples change from epoch to epoch, so none is lost for good.
+
+Sharding and resume: global batch `j` of the remaining plan goes to rank `j % world_size`; the DataLoader
+workers of a rank fetch its batches. Ranks step in lockstep, so every rank knows the global number of
+batches consumed in the epoch; that number (with the world size and a digest of the plan) is saved in
+the Lightning checkpoint. A resumed run, at the same or another world size, deals the epoch's remaining
+batches round-robin to its ranks: no sample repeated or skipped.
+
+Epochs advance when an iteration starts after the previous one handed out its last batch (Lightning
+stops reading at len() and never exhausts the iterator), so every epoch gets its own shuffle.
+
+Corrupt records (unreadable, missing latents, wrong shape, non-finite values) are replaced by the next
+readable record of the same bucket (same split; that sample then appears twice in the epoch) and
+counted (`corrupt_skipped` in the state), so every batch keeps its size and shape and every rank runs
+the same number of steps (FSDP collectives stay in lockstep).
+
+Validation: `val_samples_per_bucket` holds out a fixed, seeded set of samples per bucket (never in the
+training plan), or `val_root` names a separately prepared dataset. Served in a fixed order, every sample
+exactly once across ranks; batches are split until their count is a multiple of the world size, so
+every rank runs the same number of validation steps.
+
+Inputs may be local paths or any URL LitData streams from (s3://, gs://, ...); remote roots are listed
+from `<root>/report.json` (see data_modules/layout.py).
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data_modules.layout import BUCKET_DIR, REPORT, report_buckets
 from lit_ovis.errors import ConfigError, DataError
 
 REMOTE = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://")
+LATENT_KEYS = ("latents", "latents_w", "latents_l")
+VAL_EPOCH = -1  # sampler keys with this epoch are validation / predict items: no training progress
 
 
+# ------------------------------------------------------------------------------------------- discovery
 def discover_buckets(root: str, resolutions: list[int] | None = None) -> list[str]:
-    """Bucket dataset directories under `root` (`<root>/<resolution>/<WxH>/index.json`), sorted."""
+    """Bucket dataset directories `<root>/<resolution>/<WxH>`, sorted. Hidden or temporary directories
+    (an interrupted write's `.<res>.tmp`, `_work`) are never datasets."""
+    wanted = None if resolutions is None else {int(r) for r in resolutions}
     if root.startswith(REMOTE):
-        report = _read_remote_report(root)
-        names = [f"{report['resolution']}/{b}" for b in report["buckets"]]
-        return [f"{root.rstrip('/')}/{n}" for n in names if resolutions is None or int(n.split("/")[0]) in resolutions]
-    base = Path(root)
-    if not base.exists():
-        raise DataError(f"{root}: dataset not found; run `lit-ovis prepare --output-dir {root} ...` first")
-    dirs = sorted(p.parent for p in base.glob("*/*/index.json"))
-    if resolutions is not None:
-        dirs = [d for d in dirs if d.parent.name.isdigit() and int(d.parent.name) in resolutions]
+        available = report_buckets(_read_remote_report(root))
+        if not available:
+            raise DataError(f"{root}/{REPORT} lists no prepared resolutions; run `lit-ovis prepare --output-dir {root} ...`")
+        found = {res: names for res, names in available.items() if wanted is None or res in wanted}
+        base = root.rstrip("/")
+        dirs = [f"{base}/{res}/{name}" for res in sorted(found) for name in found[res]]
+    else:
+        path = Path(root)
+        if not path.exists():
+            raise DataError(f"{root}: dataset not found; run `lit-ovis prepare --output-dir {root} ...` first")
+        found = {}
+        for index in path.glob("*/*/index.json"):
+            bucket, res_dir = index.parent, index.parent.parent
+            if res_dir.name.isdigit() and BUCKET_DIR.match(bucket.name) and (wanted is None or int(res_dir.name) in wanted):
+                found.setdefault(int(res_dir.name), []).append(bucket.name)
+        dirs = [str(path / str(res) / name) for res in sorted(found) for name in sorted(found[res])]
+    missing = sorted(wanted - set(found)) if wanted is not None else []
+    if missing:
+        raise DataError(f"{root}: no prepared buckets for resolution(s) {missing}; run `lit-ovis prepare --output-dir {root} --resolution {missing[0]}`")
     if not dirs:
         raise DataError(f"{root}: no prepared buckets (expected <root>/<resolution>/<WxH>/index.json); run `lit-ovis prepare`")
-    return [str(d) for d in dirs]
+    return dirs
 
 
 def _read_remote_report(root: str) -> dict:
-    from litdata.streaming.resolver import _resolve_dir  # noqa: F401  (validates the URL scheme)
     import fsspec
 
-    with fsspec.open(f"{root.rstrip('/')}/report.json", "r") as f:
-        return json.load(f)
+    url = f"{root.rstrip('/')}/{REPORT}"
+    try:
+        with fsspec.open(url, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{url} not found; a remote root needs the report written by `lit-ovis prepare` next to its buckets") from None
 
 
 def bucket_sizes(bucket_dirs: list[str]) -> list[int]:
@@ -59,51 +103,152 @@ def bucket_sizes(bucket_dirs: list[str]) -> list[int]:
     return [len(StreamingDataset(d)) for d in bucket_dirs]
 
 
-def batch_plan(sizes: list[int], batch_size: int, seed: int, epoch: int, world_size: int = 1, drop_last: bool = True) -> list[list[tuple[int, int]]]:
-    """All batches of one epoch as lists of (bucket, index); identical on every rank."""
+def bucket_key(bucket_dir: str) -> str:
+    """`<resolution>/<WxH>`: a bucket's name independent of where the root lives."""
+    return "/".join(bucket_dir.rstrip("/").split("/")[-2:])
+
+
+def latent_shape(bucket_dir: str) -> tuple[int, int, int] | None:
+    m = BUCKET_DIR.match(bucket_dir.rstrip("/").split("/")[-1])
+    return (16, int(m.group(2)) // 8, int(m.group(1)) // 8) if m else None
+
+
+# ------------------------------------------------------------------------------------------- plans
+Pool = Sequence[int]
+
+
+def _pools(pools: Sequence[int | Pool]) -> list[list[int]]:
+    return [list(range(p)) if isinstance(p, (int, np.integer)) else sorted(int(i) for i in p) for p in pools]
+
+
+def holdout(keys: list[str], sizes: list[int], per_bucket: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(train pools, validation pools): `per_bucket` samples of each bucket held out, chosen by a
+    permutation seeded by (seed, bucket name), so the split is fixed across epochs, world sizes and
+    the addition of other buckets."""
+    train, val = [], []
+    for key, n in zip(keys, sizes):
+        order = list(range(n))
+        random.Random(f"{seed}-val-{key}").shuffle(order)
+        held = sorted(order[: min(max(per_bucket, 0), n)])
+        heldset = set(held)
+        val.append(held)
+        train.append([i for i in range(n) if i not in heldset])
+    return train, val
+
+
+def batch_plan(pools: Sequence[int | Pool], batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[list[tuple[int, int]]]:
+    """All batches of one epoch as lists of (bucket, index); identical on every rank. A pool is a bucket
+    size or the list of its usable indices."""
     rng = random.Random(f"{seed}-{epoch}")
     batches = []
-    for b, n in enumerate(sizes):
-        order = list(range(n))
+    for b, pool in enumerate(_pools(pools)):
+        order = list(pool)
         rng.shuffle(order)
-        stop = n - n % batch_size if drop_last else n
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
         batches += [[(b, i) for i in order[s : s + batch_size]] for s in range(0, stop, batch_size)]
     rng.shuffle(batches)
-    if not drop_last:  # inference: every sample once, ranks may get one batch more than others
-        return batches
-    return batches[: len(batches) - len(batches) % world_size]
+    return batches
+
+
+def lockstep_batches(pools: Sequence[int | Pool], batch_size: int, world_size: int) -> list[list[tuple[int, int]]]:
+    """Every sample exactly once, in a fixed order (bucket by bucket), in a number of batches that is a
+    multiple of `world_size`: the largest batch is halved until it is, so every rank runs the same
+    number of steps (FSDP collectives must not wait on a rank that has finished)."""
+    batches = [[(b, i) for i in pool[s : s + batch_size]] for b, pool in enumerate(_pools(pools)) for s in range(0, len(pool), batch_size)]
+    while batches and len(batches) % world_size:
+        k = max(range(len(batches)), key=lambda j: len(batches[j]))
+        big = batches[k]
+        if len(big) < 2:
+            raise DataError(f"{sum(map(len, batches))} validation/predict samples cannot be dealt evenly to {world_size} ranks "
+                            "(fewer samples than ranks); hold out more (--data.val_samples_per_bucket) or use fewer ranks")
+        batches[k : k + 1] = [big[: len(big) // 2], big[len(big) // 2 :]]
+    return batches
+
+
+def plan_digest(keys: list[str], pools: list[list[int]], batch_size: int, seed: int) -> str:
+    """Identifies the sequence of epoch plans; a checkpoint from a different plan cannot resume mid-epoch."""
+    h = hashlib.sha256(json.dumps([keys, [len(p) for p in pools], batch_size, seed]).encode())
+    for p in pools:
+        h.update(np.asarray(p, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 class BucketBatchSampler(Sampler):
-    """Yields this rank's batches of the epoch plan as lists of (epoch, position, bucket, index)."""
+    """Yields this rank's batches of the epoch plan as lists of (epoch, consumed, steps, bucket, index):
+    `consumed` is the global number of batches of the epoch consumed once this batch is (all ranks),
+    `steps` the number this rank has then consumed in the epoch (what Lightning counts)."""
 
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int, world_size: int, drop_last: bool = True):
-        self.sizes, self.batch_size, self.seed, self.drop_last = sizes, batch_size, seed, drop_last
+    def __init__(self, pools: Sequence[int | Pool], batch_size: int, seed: int, rank: int, world_size: int, drop_last: bool = True):
+        self.pools, self.batch_size, self.seed, self.drop_last = _pools(pools), batch_size, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.start = 0  # position in this rank's plan to resume from
+        self.offset = 0  # global batches of `epoch` already consumed (possibly at another world size)
+        self.steps = 0  # batches this rank consumed in `epoch` before `offset` (Lightning's restored count)
+        self._handed_out_epoch = False
+        self._plan: tuple[int, list] | None = None
 
-    def rank_plan(self, epoch: int) -> list[list[tuple[int, int]]]:
-        return batch_plan(self.sizes, self.batch_size, self.seed, epoch, self.world_size, self.drop_last)[self.rank :: self.world_size]
+    def resume(self, epoch: int, offset: int, steps: int) -> None:
+        self.epoch, self.offset, self.steps, self._handed_out_epoch = epoch, offset, steps, False
+
+    def epoch_plan(self, epoch: int) -> list[list[tuple[int, int]]]:
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, batch_plan(self.pools, self.batch_size, self.seed, epoch, self.drop_last))
+        return self._plan[1]
+
+    def remaining(self, epoch: int, offset: int) -> int:
+        """Global batches left in `epoch` after `offset`, cut to a multiple of the world size."""
+        n = max(len(self.epoch_plan(epoch)) - offset, 0)
+        return n - n % self.world_size if self.drop_last else n
+
+    def rank_plan(self, epoch: int, offset: int = 0) -> list[list[tuple[int, int]]]:
+        plan = self.epoch_plan(epoch)
+        return plan[offset : offset + self.remaining(epoch, offset)][self.rank :: self.world_size]
 
     def __len__(self) -> int:
-        return len(self.rank_plan(self.epoch))
+        # Lightning reads len() once per fit, counts an epoch's batches across a restart (the restored
+        # steps + the rest) and ends an epoch early when that count reaches len(); so len() is at least
+        # every epoch's real length here and the epoch ends on StopIteration, never cut short.
+        return max(len(self.rank_plan(self.epoch, 0)), self.steps + len(self.rank_plan(self.epoch, self.offset)))
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
-        plan = self.rank_plan(self.epoch)
-        epoch, start = self.epoch, self.start
-        for pos in range(start, len(plan)):
-            yield [(epoch, pos, b, i) for b, i in plan[pos]]
-        self.epoch, self.start = epoch + 1, 0
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int, int]]]:
+        # Lightning stops reading once it has len() batches, so the epoch cannot advance on exhaustion:
+        # it advances when an iteration starts after the previous one handed out its last batch.
+        if self._handed_out_epoch:
+            self.resume(self.epoch + 1, 0, 0)
+        epoch, offset, steps, world = self.epoch, self.offset, self.steps, self.world_size
+        plan = self.rank_plan(epoch, offset)
+        self._handed_out_epoch = not plan
+        for p, batch in enumerate(plan):
+            self._handed_out_epoch = p == len(plan) - 1
+            yield [(epoch, offset + (p + 1) * world, steps + p + 1, b, i) for b, i in batch]
 
 
+class FixedBatchSampler(Sampler):
+    """This rank's share (round-robin) of a fixed list of batches: validation and predict."""
+
+    def __init__(self, batches: list[list[tuple[int, int]]], rank: int, world_size: int):
+        self.batches = batches[rank::world_size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int, int]]]:
+        for batch in self.batches:
+            yield [(VAL_EPOCH, 0, 0, b, i) for b, i in batch]
+
+
+# ------------------------------------------------------------------------------------------- dataset
 class BucketedLatents(Dataset):
-    """Random access over several LitData bucket datasets; opened lazily in each worker."""
+    """Random access over several LitData bucket datasets; opened lazily in each worker.
 
-    def __init__(self, bucket_dirs: list[str], max_corrupt: int = 1000):
+    `pools[b]` lists the indices of bucket `b` this split may use; a corrupt record is replaced by the
+    next readable one of its pool (deterministic) and the item is flagged `_corrupt`."""
+
+    def __init__(self, bucket_dirs: list[str], pools: Sequence[int | Pool] | None = None):
         self.bucket_dirs = bucket_dirs
+        self.pools = _pools(pools) if pools is not None else None
+        self.shapes = [latent_shape(d) for d in bucket_dirs]
         self._datasets = None
-        self.max_corrupt = max_corrupt
 
     def _open(self):
         if self._datasets is None:
@@ -115,41 +260,72 @@ class BucketedLatents(Dataset):
     def __len__(self) -> int:
         return sum(len(d) for d in self._open())
 
-    def __getitem__(self, key: tuple[int, int, int, int]) -> dict[str, Any] | None:
-        epoch, pos, b, i = key
+    def _read(self, b: int, i: int) -> dict[str, Any] | None:
         try:
             item = self._open()[b][i]
-        except Exception:  # noqa: BLE001 - a corrupt chunk or record is skipped and counted, not fatal
-            return {"_corrupt": True, "_epoch": epoch, "_pos": pos}
-        item["_epoch"], item["_pos"] = epoch, pos
+        except Exception:  # noqa: BLE001 - an unreadable chunk or record is replaced and counted, not fatal
+            return None
+        if not isinstance(item, dict) or not isinstance(item.get("caption"), str):
+            return None
+        keys = [k for k in LATENT_KEYS if k in item]
+        for k in keys:
+            z = item[k]
+            if not isinstance(z, torch.Tensor) or (self.shapes[b] is not None and tuple(z.shape) != self.shapes[b]):
+                return None
+            # collate needs float32 anyway; one sum is far cheaper than an elementwise isfinite on fp16
+            # on CPU, and any NaN/Inf makes it non-finite (fp16 values cannot overflow a float32 sum).
+            item[k] = z = z.float()
+            if not torch.isfinite(z.sum()):
+                return None
+        return item if keys else None
+
+    def _substitute(self, b: int, i: int) -> dict[str, Any]:
+        pool = self.pools[b] if self.pools is not None else range(len(self._open()[b]))
+        start = bisect.bisect_right(pool, i)
+        for k in range(len(pool)):
+            j = pool[(start + k) % len(pool)]
+            if j != i and (item := self._read(b, j)) is not None:
+                return item
+        raise DataError(f"{self.bucket_dirs[b]}: no readable record left in this bucket; re-run `lit-ovis prepare` for it")
+
+    def __getitem__(self, key: tuple[int, int, int, int, int]) -> dict[str, Any]:
+        epoch, consumed, steps, b, i = key
+        item = self._read(b, i)
+        corrupt = item is None
+        if corrupt:
+            item = self._substitute(b, i)
+        item["_corrupt"] = int(corrupt)
+        if epoch != VAL_EPOCH:
+            item["_progress"] = (epoch, consumed, steps)
         return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    good = [x for x in items if not x.get("_corrupt")]
-    out: dict[str, Any] = {"_epoch": items[0]["_epoch"], "_pos": items[0]["_pos"], "corrupt": len(items) - len(good)}
-    if not good:
-        return out
-    for key in ("latents", "latents_w", "latents_l"):
-        if key in good[0]:
-            out[key] = torch.stack([x[key].float() for x in good])
-    out["captions"] = [x["caption"] for x in good]
+    out: dict[str, Any] = {"corrupt": sum(int(x.get("_corrupt", 0)) for x in items)}
+    if "_progress" in items[0]:
+        out["_progress"] = items[0]["_progress"]
+    for key in LATENT_KEYS:
+        if key in items[0]:
+            out[key] = torch.stack([x[key].float() for x in items])
+    out["captions"] = [x["caption"] for x in items]
     out["prompts"] = out["captions"]
-    out["ids"] = [x["id"] for x in good]
-    out["languages"] = [x.get("language", "en") for x in good]
-    out["target_texts"] = [x.get("target_text", "") for x in good]
-    if all("prompt_embeds" in x for x in good):
-        length = max(x["prompt_embeds"].shape[0] for x in good)
-        dim = good[0]["prompt_embeds"].shape[1]
-        embeds = torch.zeros(len(good), length, dim)
-        for k, x in enumerate(good):
+    out["ids"] = [x["id"] for x in items]
+    out["languages"] = [x.get("language", "en") for x in items]
+    out["target_texts"] = [x.get("target_text", "") for x in items]
+    if all("prompt_embeds" in x for x in items):
+        length = max(x["prompt_embeds"].shape[0] for x in items)
+        dim = items[0]["prompt_embeds"].shape[1]
+        embeds = torch.zeros(len(items), length, dim)
+        for k, x in enumerate(items):
             embeds[k, : x["prompt_embeds"].shape[0]] = x["prompt_embeds"].float()
         out["prompt_embeds"] = embeds
     return out
 
 
+# ------------------------------------------------------------------------------------------- module
 class LatentDataModule(L.LightningDataModule):
-    """Prepared latents (optionally with text embeddings), batched per bucket, resumable mid-epoch.
+    """Prepared latents (optionally with text embeddings), batched per bucket, resumable mid-epoch at any
+    world size, with an optional validation split.
 
     `synthetic_samples > 0` builds a synthetic text-rendering dataset in `root` on first use (the demo).
     """
@@ -166,44 +342,88 @@ class LatentDataModule(L.LightningDataModule):
         text_encoder: str | None = "tiny",
         vae: str = "tiny",
         max_sequence_length: int = 256,
+        val_samples_per_bucket: int = 0,
+        val_root: str | None = None,
+        val_batch_size: int | None = None,
     ):
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"--data.batch_size must be >= 1 (got {batch_size})")
+        if val_samples_per_bucket < 0:
+            raise ConfigError(f"--data.val_samples_per_bucket must be >= 0 (got {val_samples_per_bucket})")
+        if val_samples_per_bucket and val_root:
+            raise ConfigError("set one of --data.val_samples_per_bucket (held out of root) and --data.val_root (a separate dataset), not both")
         self.root, self.batch_size, self.num_workers, self.seed = root, batch_size, num_workers, seed
         self.resolutions = resolutions
         self.synthetic = dict(samples=synthetic_samples, resolution=synthetic_resolution, text_encoder=text_encoder, vae=vae, max_sequence_length=max_sequence_length)
+        self.val_samples_per_bucket, self.val_root = val_samples_per_bucket, val_root
+        self.val_batch_size = val_batch_size or batch_size
         self.sampler: BucketBatchSampler | None = None
+        self.plan_id = ""
+        self.val_dataset: BucketedLatents | None = None
+        self.val_plan: list[list[tuple[int, int]]] = []
         self._resume: dict | None = None
-        self.consumed = {"epoch": 0, "next_pos": 0}
+        self.consumed = {"epoch": 0, "consumed": 0, "steps": 0}
         self.corrupt_skipped = 0
 
     def prepare_data(self) -> None:
         if self.synthetic["samples"] > 0:
             ensure_synthetic_dataset(self.root, **self.synthetic)
 
-    def setup(self, stage: str) -> None:
-        dirs = discover_buckets(self.root, self.resolutions)
-        sizes = bucket_sizes(dirs)
-        trainer = self.trainer
-        rank = trainer.global_rank if trainer else 0
-        world = trainer.world_size if trainer else 1
-        if trainer is not None:
-            # Our sampler shards by rank itself; Lightning must not wrap it in a DistributedSampler.
-            trainer._accelerator_connector.use_distributed_sampler = False
-        self.dataset = BucketedLatents(dirs)
-        self.sampler = BucketBatchSampler(sizes, self.batch_size, self.seed, rank, world)
-        if not len(self.sampler):
-            raise DataError(f"{self.root}: fewer samples per bucket than --data.batch_size={self.batch_size} x {world} ranks; lower the batch size or prepare more data")
-        if self._resume is not None:
-            self._apply_resume()
+    def _resolutions(self) -> list[int] | None:
+        # A synthetic root serves the resolution it is built at, not leftovers of another demo setting.
+        return self.resolutions or ([self.synthetic["resolution"]] if self.synthetic["samples"] > 0 else None)
 
-    def _apply_resume(self) -> None:
-        epoch, pos = self._resume["epoch"], self._resume["next_pos"]
-        if pos >= len(self.sampler.rank_plan(epoch)):
-            epoch, pos = epoch + 1, 0
-        self.sampler.epoch, self.sampler.start = epoch, pos
-        self.consumed = {"epoch": epoch, "next_pos": pos}
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            # Our samplers shard by rank themselves; Lightning must not wrap them in a DistributedSampler.
+            trainer._accelerator_connector.use_distributed_sampler = False
+            return trainer.global_rank, trainer.world_size
+        return 0, 1
+
+    def setup(self, stage: str) -> None:
+        rank, world = self._rank_world()
+        dirs = discover_buckets(self.root, self._resolutions())
+        sizes = bucket_sizes(dirs)
+        keys = [bucket_key(d) for d in dirs]
+        train_pools, val_pools = holdout(keys, sizes, self.val_samples_per_bucket, self.seed)
+        self.dataset = BucketedLatents(dirs, train_pools)
+        self.sampler = BucketBatchSampler(train_pools, self.batch_size, self.seed, rank, world)
+        self.plan_id = plan_digest(keys, train_pools, self.batch_size, self.seed)
+        if stage == "fit" and self.sampler.remaining(0, 0) == 0:
+            raise DataError(f"{self.root}: fewer training samples per bucket than --data.batch_size={self.batch_size} x {world} ranks; lower the batch size or prepare more data")
+        if self.val_root:
+            vdirs = discover_buckets(self.val_root, self._resolutions())
+            self.val_dataset = BucketedLatents(vdirs, bucket_sizes(vdirs))
+        elif self.val_samples_per_bucket:
+            self.val_dataset = BucketedLatents(dirs, val_pools)
+        if self.val_dataset is not None:
+            self.val_plan = lockstep_batches(self.val_dataset.pools, self.val_batch_size, world)
+        self._apply_resume(self._resume if self._resume is not None else self.consumed)
+
+    def _apply_resume(self, state: dict[str, Any]) -> None:
+        """Point the sampler at the first global batch not consumed according to `state` (any world size).
+
+        An epoch that is over stays current with nothing left (its iteration ends at once and moves on),
+        so the sampler's epochs stay aligned with Lightning's restored batch count."""
+        self._resume = None
+        world = self.sampler.world_size
+        epoch = int(state.get("epoch", 0))
+        if "consumed" in state:
+            consumed = int(state["consumed"])
+            steps = int(state.get("steps", consumed // int(state.get("world_size", world))))
+        else:  # format 1 stored this rank's position; ranks were in lockstep at the same world size
+            steps = int(state.get("next_pos", 0))
+            consumed = steps * int(state.get("world_size", world))
+        same_plan = (state.get("plan", self.plan_id) == self.plan_id and state.get("batch_size", self.batch_size) == self.batch_size
+                     and state.get("seed", self.seed) == self.seed)
+        if not same_plan:
+            rank_zero_warn(f"{self.root}: the data, batch size, seed or validation split changed since the checkpoint; "
+                           f"the interrupted epoch {epoch} cannot be continued exactly, continuing with epoch {epoch + 1}")
+            consumed = len(self.sampler.epoch_plan(epoch))  # nothing of the old plan's epoch is left
+        self.sampler.resume(epoch, consumed, steps)
+        self.consumed = {"epoch": epoch, "consumed": consumed, "steps": steps}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -211,35 +431,39 @@ class LatentDataModule(L.LightningDataModule):
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
         )
 
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []  # no validation set configured: Lightning skips validation
+        rank, world = self._rank_world()
+        sampler = FixedBatchSampler(self.val_plan, rank, world)
+        return DataLoader(self.val_dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        if "_epoch" in batch:
-            self.consumed = {"epoch": int(batch.pop("_epoch")), "next_pos": int(batch.pop("_pos")) + 1}
-            self.corrupt_skipped += int(batch.pop("corrupt", 0))
+        if "_progress" in batch:
+            epoch, consumed, steps = (int(v) for v in batch.pop("_progress"))
+            self.consumed = {"epoch": epoch, "consumed": consumed, "steps": steps}
+        self.corrupt_skipped += int(batch.pop("corrupt", 0))
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.consumed, "seed": self.seed, "batch_size": self.batch_size, "corrupt_skipped": self.corrupt_skipped}
+        world = self.sampler.world_size if self.sampler is not None else 1
+        return {**self.consumed, "world_size": world, "plan": self.plan_id, "seed": self.seed, "batch_size": self.batch_size,
+                "corrupt_skipped": self.corrupt_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("batch_size", self.batch_size) != self.batch_size or state.get("seed", self.seed) != self.seed:
-            # A different plan would silently repeat/skip samples; start the epoch afresh instead.
-            state = {"epoch": state.get("epoch", 0) + 1, "next_pos": 0}
-        self._resume = {"epoch": int(state["epoch"]), "next_pos": int(state["next_pos"])}
         self.corrupt_skipped = int(state.get("corrupt_skipped", 0))
-        if self.sampler is not None:
-            self._apply_resume()
+        self._resume = dict(state)
+        if self.sampler is not None:  # Lightning restores after setup(); tests may load before it
+            self._apply_resume(self._resume)
 
 
 def ensure_synthetic_dataset(
     root: str, samples: int = 64, resolution: int = 64, text_encoder: str | None = "tiny", vae: str = "tiny",
     max_sequence_length: int = 256, seed: int = 0,
 ) -> dict:
-    """Build a prepared synthetic text-rendering dataset in `root` unless a complete one is there."""
-    report_path = Path(root) / "report.json"
-    if report_path.exists():
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        if report.get("inputs") == samples and report.get("resolution") == resolution:
-            return report
+    """Prepare a synthetic text-rendering dataset at `resolution` in `root`; a no-op when one with the same
+    inputs and settings is already there (prepare's fingerprint), incremental when only `samples` grew."""
     from data_modules.prepare import PrepareConfig, prepare, synthetic_records
 
     cfg = PrepareConfig(

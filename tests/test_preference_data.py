@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from data_modules.preference import PreferenceDataModule, build_synthetic_pairs
 from data_modules.synthetic.engine import TextRenderingEngine
 
@@ -18,6 +20,10 @@ def test_corrupted_text_keeps_layout_and_differs():
 
 def test_pair_batches(tmp_path):
     build_synthetic_pairs(str(tmp_path), 16, resolution=64, progress=False)
+    # Same layout and reports as `prepare`: per-resolution report plus the root listing every resolution.
+    per_res = json.loads((tmp_path / "64" / "report.json").read_text())
+    root = json.loads((tmp_path / "report.json").read_text())
+    assert sum(per_res["buckets"].values()) == 16 and root["resolutions"]["64"]["buckets"] == per_res["buckets"]
     dm = PreferenceDataModule(root=str(tmp_path), batch_size=2, num_workers=0)
     dm.setup("fit")
     batches = list(dm.train_dataloader())

@@ -39,3 +39,18 @@ def test_predict_loader_keeps_every_prompt(tmp_path):
     dm.setup("predict")
     got = sum((b["prompts"] for b in dm.predict_dataloader()), [])
     assert sorted(got) == [f"prompt {i}" for i in range(5)]
+
+
+def test_predict_batches_are_in_lockstep_across_ranks(tmp_path):
+    from types import SimpleNamespace
+
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(f"prompt {i}" for i in range(5)))
+    per_rank = []
+    for rank in range(2):  # 5 prompts, batch 2 -> 3 batches; one is split so both ranks run 2 predict steps
+        dm = PromptDataModule(prompt_file=str(f), synthetic_prompts=0, batch_size=2)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+        dm.setup("predict")
+        per_rank.append([b["prompts"] for b in dm.predict_dataloader()])
+    assert [len(r) for r in per_rank] == [2, 2]
+    assert sorted(p for r in per_rank for b in r for p in b) == [f"prompt {i}" for i in range(5)]

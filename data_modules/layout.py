@@ -1,0 +1,83 @@
+"""On-disk layout of a prepared root, shared by `prepare`, the preference builders and discovery.
+
+    <root>/<resolution>/<W>x<H>/        one LitData dataset per aspect-ratio bucket
+    <root>/<resolution>/report.json     that resolution's report (written inside the dataset swap)
+    <root>/report.json                  every resolution and its buckets (what remote discovery reads)
+    <root>/_work/<resolution>/          prepare's restart cache (one file per finished shard)
+
+Several resolutions live side by side in one root; each is replaced atomically (build in a hidden temp
+directory, then rename), and hidden or non-numeric directories are never datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+REPORT = "report.json"
+WORK = "_work"
+FORMAT = 2  # 1: a single top-level report.json with one `resolution` (older prepare / make-pairs outputs)
+BUCKET_DIR = re.compile(r"^(\d+)x(\d+)$")
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def temp_dir(root: Path, resolution: int) -> Path:
+    return root / f".{resolution}.tmp"
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp`; a kill at any point leaves either the old or the new dataset in place."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolution_dirs(root: Path) -> list[Path]:
+    return sorted((d for d in root.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)) if root.is_dir() else []
+
+
+def update_root_report(root: Path) -> dict:
+    """Rebuild `<root>/report.json` from the per-resolution reports on disk (no read-modify-write race
+    between two prepare runs for different resolutions)."""
+    resolutions = {}
+    for d in resolution_dirs(root):
+        rep = read_json(d / REPORT)
+        if rep is None:
+            continue
+        resolutions[d.name] = {k: rep[k] for k in ("inputs", "kept", "buckets", "has_prompt_embeds", "fingerprint", "kind") if k in rep}
+    report = {
+        "format": FORMAT,
+        "resolutions": resolutions,
+        "buckets": {f"{res}/{name}": n for res, rep in resolutions.items() for name, n in rep["buckets"].items()},
+        "kept": sum(rep.get("kept", 0) for rep in resolutions.values()),
+        "has_prompt_embeds": bool(resolutions) and all(rep.get("has_prompt_embeds", False) for rep in resolutions.values()),
+    }
+    write_json_atomic(root / REPORT, report)
+    return report
+
+
+def report_buckets(report: dict) -> dict[int, list[str]]:
+    """{resolution: [bucket names]} from a root report of either format."""
+    if "resolutions" in report:
+        return {int(res): sorted(rep["buckets"]) for res, rep in report["resolutions"].items()}
+    if "resolution" in report and "buckets" in report:
+        return {int(report["resolution"]): sorted(report["buckets"])}
+    return {}
