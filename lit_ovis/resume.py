@@ -8,6 +8,8 @@ time limit or a preemption. The newest complete candidate wins.
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 
@@ -17,7 +19,14 @@ def is_complete(path: Path) -> bool:
     if ".tmp" in path.name or (path.name.startswith(".") and not path.name.endswith(".old")):
         return False
     if path.is_file():
-        return path.suffix == ".ckpt" and path.stat().st_size > 0
+        if path.suffix != ".ckpt":
+            return False
+        # torch.save writes a zip; a damaged file (a disk fault, a copy cut short) lacks its directory.
+        # Reading the directory costs a seek, not a load.
+        if not zipfile.is_zipfile(path):
+            warnings.warn(f"skipping {path}: not a complete checkpoint (truncated or corrupt)", stacklevel=2)
+            return False
+        return True
     return path.is_dir() and (path / ".metadata").exists()
 
 

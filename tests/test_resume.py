@@ -1,16 +1,21 @@
 """A killed run, restarted with the same command, continues from its last complete checkpoint with the
 same optimizer, scheduler, EMA, RNG and data-loader state: the loss curve matches an uninterrupted run
-step for step, and no sample is repeated or skipped. Real subprocesses, real SIGKILLs."""
+step for step, and no sample is repeated or skipped. Real subprocesses, real SIGKILLs.
+
+Matching losses alone do not prove a resume (a seeded rerun from scratch reproduces them), so each rerun
+must also restore the checkpoint and log its first step right after the checkpoint's step."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -54,6 +59,23 @@ def run(config: Path, *extra: str, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "steps.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def restored(proc: subprocess.CompletedProcess) -> str | None:
+    """The checkpoint Lightning says it restored, or None."""
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if "Restoring states from the checkpoint path at " in line:
+            return line.split(" at ", 1)[1].strip()
+    return None
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
 def steps(run_dir: Path) -> dict[int, dict]:
     """Last record per step (a resumed run re-logs the steps after its checkpoint)."""
     out = {}
@@ -86,9 +108,39 @@ def test_kill_and_rerun_matches_uninterrupted_run(reference, phase, kill_at):
     if phase == "save":
         assert any(n.startswith(".") and ".tmp-" in n for n in ckpts)  # the interrupted write...
         assert "last.ckpt" in ckpts  # ...left the previous checkpoint intact
-    run(cfg)  # the same command again: resumes from last.ckpt by default
+    saved_at = ckpt_step(run_dir / "checkpoints" / "last.ckpt")
+    assert 0 < saved_at < kill_at
+    logged_before = len(records(run_dir))
+    rerun = run(cfg)  # the same command again: resumes from last.ckpt by default
+    assert restored(rerun) == str(run_dir / "checkpoints" / "last.ckpt"), (rerun.stdout + rerun.stderr)[-2000:]
+    new = [r["step"] for r in records(run_dir)[logged_before:]]
+    assert new == list(range(saved_at + 1, 11))  # continued after the checkpoint, did not start over
     got = steps(run_dir)
     assert sorted(got) == sorted(ref) == list(range(1, 11))
     for step in ref:
         assert got[step]["ids"] == ref[step]["ids"], f"data differs at step {step}"
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-6), f"loss differs at step {step}"
+
+
+def test_rerun_of_a_finished_run_resumes_and_ckpt_path_null_starts_fresh(reference, tmp_path):
+    base, data, ref = reference
+    run_dir = tmp_path / "finished"
+    shutil.copytree(base / "ref", run_dir)
+    cfg = tmp_path / "finished.yaml"
+    cfg.write_text(CONFIG.format(run=run_dir, data=data))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt_step(last) == 9  # every 3 steps: the finished run's newest checkpoint is step 9 of 10
+    logged_before = len(records(run_dir))
+
+    rerun = run(cfg)  # trains only what the checkpoint lacks
+    assert restored(rerun) == str(last)
+    new = records(run_dir)[logged_before:]
+    assert [r["step"] for r in new] == [10]
+    assert new[0]["ids"] == ref[10]["ids"] and new[0]["loss"] == pytest.approx(ref[10]["loss"], rel=1e-5, abs=1e-6)
+
+    logged_before = len(records(run_dir))
+    fresh = run(cfg, "--ckpt_path", "null", "--trainer.max_steps", "2")
+    assert restored(fresh) is None
+    new = records(run_dir)[logged_before:]
+    assert [r["step"] for r in new] == [1, 2]
+    assert [r["loss"] for r in new] == pytest.approx([ref[1]["loss"], ref[2]["loss"]], rel=1e-5, abs=1e-6)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -80,8 +81,6 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     from data_modules.streaming import ensure_synthetic_dataset
 
     ensure_synthetic_dataset(str(data), 32, 32)
-    from lit_ovis.cli.submit import main as submit
-
     out = subprocess.run(
         [sys.executable, "-m", "lit_ovis", "submit", "--config", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--cpu",
          "--cpus-per-task", "1", "--time", "00:15:00", "--job-name", "litovis-test", "--log-dir", str(tmp_path / "logs"),
@@ -109,14 +108,18 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
                 released = True
             time.sleep(2)
         logs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))
-        errs = "\n".join(p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*.err"))
-        assert job_state(job) == "COMPLETED", errs
+        errs = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("*.err"))
+        assert job_state(job) == "COMPLETED", errs[-2000:]
         assert "restart count 1" in logs, logs  # the batch script ran a second time: requeued
-        assert any(p.name.startswith("hpc_ckpt_") for p in run.iterdir()), list(run.iterdir())
+        hpc = sorted(p.name for p in run.iterdir() if p.name.startswith("hpc_ckpt_"))
+        assert hpc == ["hpc_ckpt_1.ckpt"], list(run.iterdir())
+        saved_at = torch.load(run / hpc[0], map_location="cpu", weights_only=False)["global_step"]
+        assert saved_at % 10 == 0 and 0 < saved_at < 40  # RequeueOnSignal checks every 10 steps (submit's default)
+        assert f"Restoring states from the checkpoint path at {run}/" in logs + errs  # the rerun resumed
         steps = steps_logged(run)
         assert steps.count(1) == 1, "the requeued job started over instead of resuming"
-        assert max(steps) == 40
-        # every step was trained exactly once, across the two runs of the job
-        assert sorted(set(steps)) == list(range(1, 41))
+        # every step was trained exactly once and in order, across the two runs of the job: the first run
+        # stopped right after its checkpoint, the second continued from the step after it
+        assert steps == list(range(1, 41))
     finally:
         subprocess.run(["scancel", job], capture_output=True)

@@ -1,9 +1,12 @@
 """`lit-ovis submit`: render an sbatch script from the same LightningCLI config and submit it.
 
-One task per GPU (`srun` starts them; Lightning's SLURMEnvironment reads ranks from SLURM), the HSDP
-mesh matched to nodes x GPUs (replicate across nodes), `--signal=SIGUSR1@90` so Lightning saves a
-checkpoint and requeues itself before the time limit, `--requeue` for preemption. A requeued job reruns
-the same command, which resumes from the newest complete checkpoint.
+One task per GPU (`srun` starts them; Lightning's SLURMEnvironment reads ranks from SLURM). With HSDP in
+the config, the mesh is matched to the allocation: `model.parallel.data_parallel_replicate` = nodes
+(replicate across nodes, shard within a node; 1 node = plain FSDP over its GPUs) unless the overrides set
+it. `--signal=SIGUSR1@<signal-seconds>` lets `callbacks.preemption.RequeueOnSignal` save a checkpoint and
+requeue the job before the time limit, `--requeue` covers preemption; a requeued job reruns the same
+command, which resumes from the newest complete checkpoint. The config is parsed and preflight-checked
+before sbatch is called, so a config that cannot work fails in seconds instead of after queueing.
 
     lit-ovis submit --config configs/sft.yaml --nodes 4 --gpus-per-node 8 --time 2-00:00:00 \\
         --partition gpu --account myproj -- --model.optimizer.lr 1e-5
@@ -30,8 +33,9 @@ TEMPLATE = """#!/bin/bash
 #SBATCH --requeue
 #SBATCH --open-mode=append
 {extra_lines}
-# Rendered by `lit-ovis submit`. Lightning reads ranks from SLURM (SLURMEnvironment), saves a checkpoint on
-# SIGUSR1 ({signal_seconds} s before the limit) and requeues; the rerun resumes from the newest checkpoint.
+# Rendered by `lit-ovis submit`. Lightning reads ranks from SLURM (SLURMEnvironment); on SIGUSR1
+# ({signal_seconds} s before the limit) RequeueOnSignal saves a checkpoint within {check_every} steps and requeues;
+# the rerun resumes from the newest checkpoint.
 set -euo pipefail
 cd {workdir}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -40,32 +44,60 @@ echo "job $SLURM_JOB_ID restart count ${{SLURM_RESTART_COUNT:-0}} on $(hostname)
 srun --kill-on-bad-exit=1 {python} main.py fit {args}
 """
 
+REPLICATE = "--model.parallel.data_parallel_replicate"
 
-def render(config: list[str], nodes: int, gpus_per_node: int, time: str, job_name: str, log_dir: str, partition: str | None = None,
-           account: str | None = None, cpus_per_task: int = 8, signal_seconds: int = 90, python: str | None = None,
-           workdir: str | None = None, cpu: bool = False, overrides: list[str] | None = None, env: list[str] | None = None) -> str:
-    tasks = gpus_per_node
-    args = [f"--config {shlex.quote(c)}" for c in config]
-    args += [f"--trainer.num_nodes {nodes}", f"--trainer.devices {tasks}"]
+
+def job_args(config: list[str], nodes: int, tasks_per_node: int, cpu: bool = False, check_every_n_steps: int = 10,
+             replicate: int | None = None, overrides: list[str] | None = None) -> list[str]:
+    """The `main.py fit` arguments of the job; user overrides come last, so they win."""
+    args = [a for c in config for a in ("--config", c)]
+    args += ["--trainer.num_nodes", str(nodes), "--trainer.devices", str(tasks_per_node)]
     # Checkpoint + requeue at batch boundaries (safe with many ranks) instead of inside the signal handler.
     args += ["--trainer.plugins+=lightning.pytorch.plugins.environments.SLURMEnvironment", "--trainer.plugins.auto_requeue=false",
-             "--trainer.callbacks+=callbacks.preemption.RequeueOnSignal"]
+             "--trainer.callbacks+=callbacks.preemption.RequeueOnSignal", f"--trainer.callbacks.check_every_n_steps={check_every_n_steps}"]
     if cpu:
-        args += ["--trainer.accelerator cpu"]
-    elif nodes > 1:
-        args += [f"--model.parallel.data_parallel_replicate {nodes}"]
-    args += [shlex.quote(o) for o in (overrides or [])]
+        args += ["--trainer.accelerator", "cpu"]
+    if replicate is not None:
+        args += [REPLICATE, str(replicate)]
+    return args + list(overrides or [])
+
+
+def uses_hsdp(cfg) -> bool:
+    from lit_ovis.preflight import _get
+
+    parallel = _get(cfg, "model.init_args.parallel") or {}
+    return bool(_get(parallel, "hsdp", False)) or int(_get(parallel, "data_parallel_replicate", 1) or 1) > 1
+
+
+def render(args: list[str], nodes: int, gpus_per_node: int, time: str, job_name: str, log_dir: str, partition: str | None = None,
+           account: str | None = None, cpus_per_task: int = 8, signal_seconds: int = 90, check_every_n_steps: int = 10,
+           python: str | None = None, workdir: str | None = None, cpu: bool = False, env: list[str] | None = None) -> str:
     extra = []
     if partition:
         extra.append(f"#SBATCH --partition={partition}")
     if account:
         extra.append(f"#SBATCH --account={account}")
     return TEMPLATE.format(
-        job_name=job_name, nodes=nodes, tasks_per_node=tasks, gpu_line="" if cpu else f"#SBATCH --gpus-per-node={gpus_per_node}\n",
-        cpus_per_task=cpus_per_task, time=time, log_dir=log_dir, signal_seconds=signal_seconds, extra_lines="\n".join(extra),
-        workdir=shlex.quote(workdir or str(Path.cwd())), env_lines="\n".join(f"export {e}" for e in (env or [])),
-        python=shlex.quote(python or sys.executable), args=" ".join(args),
+        job_name=job_name, nodes=nodes, tasks_per_node=gpus_per_node, gpu_line="" if cpu else f"#SBATCH --gpus-per-node={gpus_per_node}\n",
+        cpus_per_task=cpus_per_task, time=time, log_dir=log_dir, signal_seconds=signal_seconds, check_every=check_every_n_steps,
+        extra_lines="\n".join(extra), workdir=shlex.quote(workdir or str(Path.cwd())),
+        env_lines="\n".join(f"export {e}" for e in (env or [])), python=shlex.quote(python or sys.executable), args=shlex.join(args),
     )
+
+
+def prepare_args(config: list[str], nodes: int, tasks_per_node: int, cpu: bool, check_every_n_steps: int, overrides: list[str]) -> list[str]:
+    """Parse the job's config exactly as the job will, match the HSDP mesh to the allocation, and run the
+    preflight checks on the result (raises ConfigError)."""
+    from lit_ovis.cli.lightning_cli import parse_config
+    from lit_ovis.preflight import check_config
+
+    args = job_args(config, nodes, tasks_per_node, cpu, check_every_n_steps, overrides=overrides)
+    cfg = parse_config(["fit", *args])
+    if uses_hsdp(cfg) and not any("data_parallel_replicate" in o for o in overrides):
+        args = job_args(config, nodes, tasks_per_node, cpu, check_every_n_steps, replicate=nodes, overrides=overrides)
+        cfg["model.init_args.parallel.data_parallel_replicate"] = nodes
+    check_config(cfg)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,19 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-task", type=int, default=8)
     p.add_argument("--job-name", default="lit-ovis")
     p.add_argument("--log-dir", default="logs/slurm")
-    p.add_argument("--signal-seconds", type=int, default=90)
+    p.add_argument("--signal-seconds", type=int, default=90,
+                   help="SIGUSR1 this long before the time limit; must exceed --check-every-n-steps steps plus one checkpoint save")
+    p.add_argument("--check-every-n-steps", type=int, default=10, help="how often the ranks check for the signal (one tiny all-reduce)")
     p.add_argument("--cpu", action="store_true", help="CPU-only job (tests, demos)")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE exported in the job")
     p.add_argument("--output", default=None, help="write the script here (default: <log-dir>/<job-name>.sbatch)")
-    p.add_argument("--dry-run", action="store_true", help="print the script, do not submit")
-    args = p.parse_args(argv)
-    script = render(args.config, args.nodes, args.gpus_per_node, args.time, args.job_name, args.log_dir, args.partition, args.account,
-                    args.cpus_per_task, args.signal_seconds, cpu=args.cpu, overrides=overrides, env=args.env)
-    if args.dry_run:
+    p.add_argument("--dry-run", action="store_true", help="check the config and print the script, do not submit")
+    a = p.parse_args(argv)
+    from lit_ovis.cli.lightning_cli import USER_ERRORS
+
+    try:
+        args = prepare_args(a.config, a.nodes, a.gpus_per_node, a.cpu, a.check_every_n_steps, overrides)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    script = render(args, a.nodes, a.gpus_per_node, a.time, a.job_name, a.log_dir, a.partition, a.account, a.cpus_per_task,
+                    a.signal_seconds, a.check_every_n_steps, cpu=a.cpu, env=a.env)
+    if a.dry_run:
         print(script)
         return 0
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(args.output or Path(args.log_dir) / f"{args.job_name}.sbatch")
+    Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(a.output or Path(a.log_dir) / f"{a.job_name}.sbatch")
     path.write_text(script)
     if not shutil.which("sbatch"):
         print(f"error: sbatch not found; the script is at {path} (submit it on a SLURM login node)", file=sys.stderr)
