@@ -20,21 +20,27 @@ EMA_PREFIX = "ema."
 
 def _load_file(path: Path) -> dict[str, Any]:
     try:
-        # Lightning checkpoints hold the dataclass hyper-parameters, so a full unpickle is needed.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Lightning checkpoints hold the dataclass hyper-parameters, so a full unpickle is needed. Memory-mapped:
+        # only the tensors used (the backbone, not the optimizer moments) are read from disk.
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be mapped
+            return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any failure to decode means a corrupt or foreign file
         raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(err).__name__}); use an earlier checkpoint or re-run training") from None
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a `.ckpt` file or a sharded checkpoint directory into one in-memory checkpoint dict."""
+def load_training_checkpoint(path: str | os.PathLike, ema: bool = True) -> dict[str, Any]:
+    """Load a `.ckpt` file or a sharded checkpoint directory into one in-memory checkpoint dict. From a
+    sharded directory only the backbone (and with `ema` the EMA weights) is read, never optimizer state;
+    pass `ema=False` when the EMA weights will not be used (halves the memory of a sharded load)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint not found; pass a .ckpt file or a sharded checkpoint directory")
     if p.is_dir():
         from lit_ovis.cli.consolidate import load_sharded_checkpoint
 
-        return load_sharded_checkpoint(p)
+        return load_sharded_checkpoint(p, ema=ema)
     return _load_file(p)
 
 

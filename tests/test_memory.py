@@ -60,3 +60,56 @@ def test_estimator_tells_whether_7b_fits(capsys):
     assert big.total > 100 * 1024**3 > sharded.total
     assert estimate_main(["--world-size", "8", "--checkpointing", "full"]) == 0
     assert "fits in 80 GiB" in capsys.readouterr().out
+
+
+def _offloaded_forward_backward(model, autocast: bool):
+    from lit_ovis.parallel.memory import apply_activation_offloading
+
+    moved: list[torch.Tensor] = []
+    offloader = apply_activation_offloading(model, device_types=("cpu",), min_bytes=0)  # on CPU: copy what a GPU would move
+    to_host = offloader.to_host
+    offloader.to_host = lambda t: (moved.append(t), to_host(t))[1]
+    g = torch.Generator().manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        # batch 3: flattened activations ([3 x tokens, features]) never share a shape with a weight
+        out = model(hidden_states=torch.randn(3, 64, 64, generator=g), encoder_hidden_states=torch.randn(3, 16, 32, generator=g),
+                    timestep=torch.tensor([0.3, 0.7, 0.5]), img_ids=latent_image_ids(16, 16), txt_ids=text_ids(16), return_dict=False)[0]
+    out.float().square().mean().backward()
+    return offloader, moved
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_offloading_moves_activations_not_weights(autocast):
+    torch.manual_seed(0)
+    model = OvisImageTransformer2DModel(**CFG)
+    saved = saved_activation_bytes(OvisImageTransformer2DModel(**CFG), 16, 16, 16, b=3)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2} | {tuple(p.shape)[::-1] for p in model.parameters() if p.dim() == 2}
+    offloader, moved = _offloaded_forward_backward(model, autocast)
+    assert offloader.moved_tensors == len(moved) > 50
+    # neither parameters nor their views/bf16 copies (what FSDP2 gathers or autocast casts) are moved
+    assert not any(t.untyped_storage().data_ptr() in storages for t in moved)
+    assert not any(t.dim() == 2 and tuple(t.shape) in weight_shapes for t in moved)
+    # what moves is the activations autograd saves, each tensor once (two views of one storage are copied
+    # twice: +8% here): the estimator's offload model rests on it
+    if not autocast:
+        assert 0.9 * saved <= offloader.moved_bytes <= 1.1 * saved
+
+
+def test_estimator_counts_ema_and_offloading():
+    from lit_ovis.cli.estimate_memory import DOUBLE_BLOCK, OUTSIDE, SINGLE_BLOCK, transformer_params
+    from lit_ovis.models.presets import TRANSFORMER_PRESETS
+
+    kw = dict(preset="ovis-image-7b", world_size=8, replicate=1, height=1024, width=1024, batch=2)
+    p = transformer_params(TRANSFORMER_PRESETS["ovis-image-7b"])
+    assert estimate(**kw, ema=True).total - estimate(**kw).total == pytest.approx(4 * p / 8)  # fp32, sharded over 8
+    unit = 2 * (64 * 64 + 40) * 128 * 4  # batch x N x d x fp32 bytes for the CFG model
+    # offloading keeps one block's activations on the device (nothing else of what autograd saves) ...
+    assert activation_bytes(CFG, 64 * 64, 40, 2, 4, offload=True) == pytest.approx(unit * DOUBLE_BLOCK)
+    # ... plus the inputs checkpointing keeps (5 blocks), and the rest goes to pinned host memory
+    assert activation_bytes(CFG, 64 * 64, 40, 2, 4, "full", offload=True) == pytest.approx(unit * (5 + DOUBLE_BLOCK))
+    off = estimate(**kw, offload_activations=True)
+    assert off.total < estimate(**kw).total and off.host_rows[0][1] > 40 * 1024**3
+    cfg = TRANSFORMER_PRESETS["ovis-image-7b"]
+    assert off.host_rows[0][1] == pytest.approx(2 * (4096 + 256) * 3072 * 2 * (6 * DOUBLE_BLOCK + 27 * SINGLE_BLOCK + OUTSIDE))
+    assert cfg["num_layers"] == 6 and cfg["num_single_layers"] == 27

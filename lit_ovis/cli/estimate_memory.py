@@ -8,18 +8,26 @@ Model (bytes per GPU; P = parameters, S = ranks a parameter is sharded over = wo
 - gathered compute copies: two blocks' parameters in the compute dtype (current + prefetched);
 - frozen text encoder (2.03B for Ovis2.5-2B's LLM) in bf16, sharded unless embeddings are precomputed;
   frozen VAE (84M) replicated; DPO/GRPO reference model in bf16, sharded;
+- EMA (model.ema.enabled): an fp32 shadow of the trainable weights, sharded like them, 4P/S;
 - activations saved for backward: per sample, N = image + text tokens, width d, element size e:
   N d e (32.3 per double-stream block + 29.2 per single-stream block + 3.3 outside the blocks).
   The coefficients were measured from the bytes of tensors autograd saves (CPU, SDPA) and are checked
   in tests; full checkpointing keeps ~1 N d per block plus one block's activations for recompute.
+- activation offloading moves everything autograd saves except parameters, their gathered/cast copies
+  and tiny tensors: measured on CPU with the same hooks, the moved bytes are 0.9-1.1x the saved
+  activation bytes (tests/test_memory.py), so no fraction of the offloaded activations stays. What
+  stays on the GPU is the inputs of checkpointed blocks (kept by checkpointing, outside the hooks) and
+  one block's activations at a time (produced in forward before their copy, brought back in backward);
+  the offloaded bytes fill pinned host memory instead (printed below the total).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lit_ovis.models.presets import TEXT_ENCODER_PRESETS, TRANSFORMER_PRESETS, lookup
+from lit_ovis.parallel.memory import checkpointed_block_indices
 
 DOUBLE_BLOCK, SINGLE_BLOCK, OUTSIDE = 32.3, 29.2, 3.3
 GIB = 1024**3
@@ -41,24 +49,38 @@ def block_params(cfg: dict) -> int:
     return double
 
 
-def activation_bytes(cfg: dict, image_tokens: int, text_tokens: int, batch: int, element: int, checkpointing: str = "none", every_n: int = 2) -> float:
+def activation_bytes(cfg: dict, image_tokens: int, text_tokens: int, batch: int, element: int, checkpointing: str = "none", every_n: int = 2,
+                     offload: bool = False) -> float:
+    """Bytes of activations held on the GPU for backward (see the module docstring)."""
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     n = image_tokens + text_tokens
     blocks = [DOUBLE_BLOCK] * cfg["num_layers"] + [SINGLE_BLOCK] * cfg["num_single_layers"]
-    if checkpointing == "full":
-        kept = [1.0] * len(blocks)
-        recompute = max(blocks)
-    elif checkpointing == "selective":
-        kept = [1.0 if i % max(every_n, 1) == 0 else c for i, c in enumerate(blocks)]
-        recompute = max(blocks)
-    else:
-        kept, recompute = blocks, 0.0
-    return batch * n * d * element * (sum(kept) + recompute + OUTSIDE)
+    checkpointed = set(checkpointed_block_indices(len(blocks), checkpointing, every_n))
+    # a checkpointed block keeps only its input (~1 N d), outside autograd's saved tensors, so offloading
+    # leaves it on the GPU; everything else autograd saves moves to the host when offloading
+    kept = [1.0 if i in checkpointed else (0.0 if offload else c) for i, c in enumerate(blocks)]
+    outside = 0.0 if offload else OUTSIDE
+    # one block's activations are live at a time while they are recomputed (checkpointing) or produced
+    # before their copy to the host / brought back for backward (offloading)
+    working = max(blocks) if checkpointed or offload else 0.0
+    return batch * n * d * element * (sum(kept) + working + outside)
+
+
+def host_activation_bytes(cfg: dict, image_tokens: int, text_tokens: int, batch: int, element: int, checkpointing: str = "none",
+                          every_n: int = 2) -> float:
+    """Pinned host memory per GPU that offloading fills: the saved activations of the blocks that are not
+    checkpointed and of the layers outside the blocks."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    blocks = [DOUBLE_BLOCK] * cfg["num_layers"] + [SINGLE_BLOCK] * cfg["num_single_layers"]
+    checkpointed = set(checkpointed_block_indices(len(blocks), checkpointing, every_n))
+    moved = sum(c for i, c in enumerate(blocks) if i not in checkpointed) + OUTSIDE
+    return batch * (image_tokens + text_tokens) * d * element * moved
 
 
 @dataclass
 class Estimate:
     rows: list[tuple[str, float]]
+    host_rows: list[tuple[str, float]] = field(default_factory=list)  # host memory, not in the GPU total
 
     @property
     def total(self) -> float:
@@ -67,7 +89,7 @@ class Estimate:
 
 def estimate(preset: str, world_size: int, replicate: int, height: int, width: int, batch: int, text_tokens: int = 256,
              compute_dtype: str = "bf16", checkpointing: str = "none", every_n: int = 2, offload_activations: bool = False,
-             text_encoder: str = "sharded", reference: bool = False) -> Estimate:
+             text_encoder: str = "sharded", reference: bool = False, ema: bool = False) -> Estimate:
     cfg = lookup(TRANSFORMER_PRESETS, preset, "backbone")
     p = transformer_params(cfg)
     shard = max(world_size // max(replicate, 1), 1)
@@ -77,6 +99,7 @@ def estimate(preset: str, world_size: int, replicate: int, height: int, width: i
         ("master weights (fp32, sharded)", 4 * p / shard),
         ("gradients (fp32, sharded)", 4 * p / shard),
         ("AdamW moments (fp32, sharded)", 8 * p / shard),
+        *([("EMA (fp32, sharded)", 4 * p / shard)] if ema else []),
         ("gathered compute params (2 blocks)", 2 * block_params(cfg) * e),
     ]
     te = TEXT_ENCODER_PRESETS["ovis2.5-2b" if preset != "tiny" else "tiny"]
@@ -88,10 +111,13 @@ def estimate(preset: str, world_size: int, replicate: int, height: int, width: i
     rows.append(("VAE (bf16, replicated)", 2 * 83_819_683))
     if reference:
         rows.append(("reference model (bf16, sharded)", 2 * p / shard))
-    act = activation_bytes(cfg, image_tokens, text_tokens, batch, e, checkpointing, every_n)
-    rows.append((f"activations ({checkpointing} checkpointing{', offloaded to CPU' if offload_activations else ''})", 0.1 * act if offload_activations else act))
+    act = activation_bytes(cfg, image_tokens, text_tokens, batch, e, checkpointing, every_n, offload_activations)
+    rows.append((f"activations ({checkpointing} checkpointing{', offloaded to CPU' if offload_activations else ''})", act))
     rows.append(("CUDA context + allocator slack", 2.5 * GIB))
-    return Estimate(rows)
+    host = []
+    if offload_activations:
+        host.append(("offloaded activations (pinned host memory per GPU)", host_activation_bytes(cfg, image_tokens, text_tokens, batch, e, checkpointing, every_n)))
+    return Estimate(rows, host)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,16 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offload-activations", action="store_true")
     p.add_argument("--text-encoder", default="sharded", choices=["sharded", "replicated", "precomputed"])
     p.add_argument("--reference", action="store_true", help="DPO / GRPO: a frozen reference copy")
+    p.add_argument("--ema", action="store_true", help="model.ema.enabled: an fp32 EMA copy of the weights")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
     args = p.parse_args(argv)
     est = estimate(args.preset, args.world_size, args.replicate, args.height, args.width, args.batch_size, args.text_tokens,
-                   args.compute_dtype, args.checkpointing, args.every_n, args.offload_activations, args.text_encoder, args.reference)
+                   args.compute_dtype, args.checkpointing, args.every_n, args.offload_activations, args.text_encoder, args.reference, args.ema)
     width = max(len(n) for n, _ in est.rows)
     print(f"{args.preset}: world {args.world_size} (replicate {args.replicate}), {args.height}x{args.width}, batch {args.batch_size}/GPU")
     for name, value in est.rows:
         print(f"  {name:<{width}}  {value / GIB:8.2f} GiB")
     verdict = "fits" if est.total <= args.gpu_memory_gib * GIB else "does NOT fit"
     print(f"  {'total per GPU':<{width}}  {est.total / GIB:8.2f} GiB  -> {verdict} in {args.gpu_memory_gib:.0f} GiB")
+    for name, value in est.host_rows:
+        print(f"  {name}: {value / GIB:.2f} GiB")
     return 0
 
 

@@ -49,4 +49,34 @@ def image_tokens_for(height: int, width: int) -> int:
     return (height // 16) * (width // 16)
 
 
-PEAK_BF16_TFLOPS = {"H100-SXM": 989.0, "H100-PCIe": 756.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+def dpo_train_flops(config: dict, image_tokens: int, text_tokens: int, reference: bool = True) -> int:
+    """One Diffusion-DPO pair: the policy trains on the winner and the loser (2 x forward + backward) and
+    the frozen reference runs forward on both (2 x forward, no backward)."""
+    return 2 * train_flops(config, image_tokens, text_tokens) + (2 * forward_flops(config, image_tokens, text_tokens) if reference else 0)
+
+
+# Dense BF16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {"H100-SXM": 989.0, "H100-PCIe": 756.0, "H100-NVL": 835.0, "H200": 989.0, "GH200": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "B200": 2250.0, "MI300X": 1307.0}
+# Device-name fragments (as torch.cuda.get_device_name reports them) -> table key; the first match wins.
+_NAME_TO_PEAK = (("GH200", "GH200"), ("H200", "H200"), ("H100 PCIE", "H100-PCIe"), ("H100 NVL", "H100-NVL"), ("H100", "H100-SXM"),
+                 ("A100", "A100"), ("L40S", "L40S"), ("B200", "B200"), ("MI300X", "MI300X"))
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Dense BF16 peak of a known GPU from its name ("NVIDIA H100 80GB HBM3" -> 989), else None."""
+    name = device_name.upper()
+    for fragment, key in _NAME_TO_PEAK:
+        if fragment in name:
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def detect_peak_tflops(device) -> float | None:
+    """The BF16 peak of `device` when it is a known GPU (None on CPU or an unknown card)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_bf16_tflops(torch.cuda.get_device_name(device))

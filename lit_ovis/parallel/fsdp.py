@@ -1,7 +1,8 @@
 """Parallelism applied to a stage module, kept apart from the model (torchtitan style).
 
 Order: attention backend -> activation checkpointing/offloading -> regional compile -> FSDP2
-`fully_shard` per double- and single-stream block, then at the backbone root. With
+`fully_shard` per double- and single-stream block, then at the backbone root (without a device mesh:
+autocast to `param_dtype` instead of sharding). With
 `data_parallel_replicate > 1` the mesh is 2-D (replicate x shard), i.e. HSDP: replicate across nodes,
 shard within a node. Mixed precision keeps FP32 master weights (the optimizer steps on them) and
 computes in `param_dtype`, reducing gradients in `reduce_dtype`. Frozen models (text encoder, DPO/GRPO
@@ -10,6 +11,8 @@ reference) are sharded the same way but never reach an optimizer; the small VAE 
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -94,28 +97,91 @@ def shard_frozen(model: nn.Module, mesh, cfg: ParallelConfig) -> None:
     model.register_forward_hook(lambda mod, args, out: mod.reshard() or None)
 
 
-def apply_compile(backbone: nn.Module) -> None:
-    """Regional compilation: each repeated block compiled once and reused (fast warm-up, same speed)."""
+RECOMPILE_LIMIT = 64
+
+
+def apply_compile(backbone: nn.Module, backend: str = "inductor") -> None:
+    """Regional compilation: each repeated block compiled once and reused (fast warm-up, same speed).
+
+    `dynamic=None` compiles the first shape statically (single-resolution runs keep static-shape kernels)
+    and marks a dimension dynamic the first time it changes, so multi-resolution buckets cost one extra
+    compile instead of one per bucket. Every block type still needs several cache entries (grad on/off in
+    training vs sampling, the first block's contiguous input vs later blocks' strided ones, batch 1 vs B),
+    which can exceed dynamo's default limit of 8 and silently fall back to eager: raise it.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks_of(backbone):
-        block.compile(fullgraph=False, dynamic=False)
+        block.compile(backend=backend, fullgraph=False, dynamic=None)
+
+
+def apply_autocast(backbone: nn.Module, dtype: torch.dtype) -> None:
+    """Without FSDP2's MixedPrecisionPolicy (no device mesh) compute in `dtype` under autocast; the
+    parameters (the optimizer's master weights) stay fp32."""
+    if getattr(backbone, "_lit_ovis_autocast", None) is not None:
+        return
+    forward = backbone.forward
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        device_type = x.device.type if isinstance(x, torch.Tensor) else "cuda"
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    backbone.forward = run
+    backbone._lit_ovis_autocast = dtype
+
+
+def _classic_fsdp(module) -> bool:
+    """True when the module trains under Lightning's FSDPStrategy (FSDP1), which checkpoints blocks and
+    handles precision itself."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return False
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 def parallelize_module(module, device_mesh, cfg: ParallelConfig) -> None:
-    """Apply the configured levers to `module.backbone` (+ frozen models) in place."""
+    """Apply the configured levers to `module.backbone` (+ frozen models) in place.
+
+    Without a device mesh (one device, or Lightning's classic FSDPStrategy) nothing is sharded: the
+    attention backend, checkpointing, offloading, compilation and (through autocast) the compute dtype
+    still apply. Under FSDP1 the strategy owns checkpointing (its wrappers) and precision, and compiling
+    FSDP1's flat parameters is unsupported, so those levers are skipped with a warning.
+    """
     backbone = module.backbone
     if cfg.attention_backend:
         backbone.set_attention_backend(cfg.attention_backend)
-    if cfg.activation_checkpointing != "none":
-        apply_activation_checkpointing(backbone, cfg.activation_checkpointing, cfg.checkpoint_every_n_blocks)
+    checkpointing, compile_, param_dtype = cfg.activation_checkpointing, cfg.compile, cfg.param_dtype
+    if device_mesh is None and _classic_fsdp(module):
+        skipped = [f"{k}={v}" for k, v in (("activation_checkpointing", checkpointing), ("compile", compile_), ("param_dtype", param_dtype))
+                   if v not in ("none", False, "fp32")]
+        if skipped:
+            warnings.warn(f"model.parallel: {', '.join(skipped)} ignored under the classic FSDPStrategy (FSDP1), which checkpoints "
+                          "blocks and sets precision itself; use configs/strategy/fsdp1_hybrid.yaml's values", stacklevel=2)
+        checkpointing, compile_, param_dtype = "none", False, "fp32"
+    if checkpointing != "none":
+        apply_activation_checkpointing(backbone, checkpointing, cfg.checkpoint_every_n_blocks)
     if cfg.activation_offloading:
         apply_activation_offloading(backbone)
-    if cfg.compile:
+    if compile_:
         apply_compile(backbone)
+    reference = getattr(module, "reference", None)
     if device_mesh is None:
+        for model in (backbone, reference):
+            if model is None:
+                continue
+            if model is reference and cfg.attention_backend:
+                reference.set_attention_backend(cfg.attention_backend)
+            if param_dtype != "fp32":  # the reference computes like the policy, as under FSDP2
+                apply_autocast(model, DTYPES[param_dtype])
         return
     mesh = data_parallel_mesh(device_mesh, cfg.data_parallel_replicate, cfg.hsdp)
     shard_transformer(backbone, mesh, cfg)
-    reference = getattr(module, "reference", None)
     if reference is not None:
         if cfg.attention_backend:
             reference.set_attention_backend(cfg.attention_backend)
