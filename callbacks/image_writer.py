@@ -16,6 +16,14 @@ class ImageWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
 
+    def index_path(self, trainer) -> Path:
+        return self.output_dir / f"index.rank{trainer.global_rank}.jsonl"
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        # A rerun rewrites its images under the same names; start its index afresh instead of appending twice.
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.index_path(trainer).write_text("", encoding="utf-8")
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         images: torch.Tensor = prediction["images"]
@@ -29,6 +37,6 @@ class ImageWriter(BasePredictionWriter):
             Image.fromarray(array).save(tmp, format="PNG")
             os.replace(tmp, path)  # a killed predict never leaves a truncated PNG behind
             records.append({"file": path.name, "prompt": prompt})
-        with open(self.output_dir / f"index.rank{trainer.global_rank}.jsonl", "a", encoding="utf-8") as f:
+        with open(self.index_path(trainer), "a", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

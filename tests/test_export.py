@@ -42,6 +42,24 @@ def test_export_round_trips_through_pipeline(trained_checkpoint, tmp_path):
     assert (ours - ref).abs().max().item() < 1e-4
 
 
+def test_export_of_an_ema_run_generates_what_its_sample_grids_showed(tmp_path):
+    """With EMA on, `sample()` (grids, eval) uses the EMA weights; the default export must match it."""
+    from lit_ovis.modules.config import EMAConfig
+
+    L.seed_everything(0)
+    module = tiny_flow_module(ema=EMAConfig(enabled=True, decay=0.5))
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader(LatentSet(n=4)))
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    pipe = OvisImagePipeline.from_pretrained(export_checkpoint(str(tmp_path / "ema.ckpt"), str(tmp_path / "out")))
+    kwargs = dict(height=32, width=32, num_inference_steps=4, guidance_scale=3.0, output_type="pt", max_sequence_length=8)
+    ref = pipe(["a sign"], generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert (module.sample(["a sign"], seed=3) - ref).abs().max().item() < 1e-4
+    raw = OvisImagePipeline.from_pretrained(export_checkpoint(str(tmp_path / "ema.ckpt"), str(tmp_path / "raw"), use_ema=False))
+    assert (raw(["a sign"], generator=torch.Generator().manual_seed(3), **kwargs).images - ref).abs().max().item() > 1e-4
+
+
 def test_checkpoint_has_no_frozen_encoders(trained_checkpoint):
     _, ckpt = trained_checkpoint
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]

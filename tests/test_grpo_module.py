@@ -170,3 +170,36 @@ def test_grpo_raises_brightness_reward():
     spread = rows[0]["reward/std"]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last - first > 5 * spread, (first, last, spread, rewards)
+
+
+def test_grpo_config_runs_through_the_cli_with_the_tiny_override(tmp_path):
+    """`python main.py fit --config configs/grpo.yaml` + the header's tiny override: CLI, prompt DataModule
+    (synthetic EN/ZH prompts), the scorer registry and a checkpoint, end to end on CPU."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    root = CONFIG.parents[1]
+    lines = CONFIG.read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if "python main.py fit --config configs/grpo.yaml --trainer.accelerator cpu" in l)
+    command = []
+    for line in lines[start:]:
+        command.append(line.lstrip("#").strip().rstrip("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    args = shlex.split(" ".join(command))[2:]  # the header's own command, after "python main.py"
+    args += ["--trainer.max_steps", "2", f"--trainer.default_root_dir={tmp_path}",
+             "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}/ckpt"]
+    proc = subprocess.run([sys.executable, "main.py", *args], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["grpo_state"]["step_scores"] is not None
+
+
+def test_sliding_window_follows_the_iteration_count():
+    L.seed_everything(0)
+    m = tiny_grpo(window="sliding", window_size=1, window_shift_every=1, window_stride=1, rollout_steps=4)
+    rows = fit(m, 4)
+    assert [r["window/start"] for r in rows] == [0, 1, 2, 2]  # 3 stochastic steps (the last is deterministic)

@@ -111,3 +111,11 @@ def test_fixed_window():
     assert fixed_window(10, 8, 4) == (8, 10)
     valid = torch.tensor([True] * 9 + [False])
     assert fixed_window(10, 0, 0, valid) == (0, 9)
+
+
+def test_sliding_window_moves_from_noisy_to_clean_and_stops_at_the_end():
+    from lit_ovis.losses.grpo import sliding_window_start
+
+    starts = [sliding_window_start(it, num_valid=9, size=4, shift_every=2, stride=1) for it in range(14)]
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 5, 5]  # 9 stochastic steps, window of 4: last start 5
+    assert sliding_window_start(100, num_valid=3, size=4, shift_every=1) == 0  # window wider than the steps

@@ -55,6 +55,42 @@ def test_weight_loading_round_trip_and_errors(tmp_path, tiny_backbone):
         load_backbone_weights(build_backbone("tiny"), str(partial))
 
 
+def test_folder_with_missing_keys_is_refused_not_random_initialised(tmp_path, tiny_backbone):
+    from safetensors.torch import load_file
+
+    tiny_backbone.save_pretrained(tmp_path / "ok")
+    fresh = build_backbone("tiny", pretrained=str(tmp_path / "ok"))
+    assert all(torch.equal(x, y) for x, y in zip(fresh.state_dict().values(), tiny_backbone.state_dict().values()))
+    bad = tmp_path / "bad"
+    tiny_backbone.save_pretrained(bad)
+    sd = load_file(str(bad / "diffusion_pytorch_model.safetensors"))
+    sd.pop("proj_out.weight")
+    save_file(sd, str(bad / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 missing .*proj_out\.weight") as err:
+        build_backbone("tiny", pretrained=str(bad))
+    assert "\n" not in str(err.value)
+
+
+def test_training_checkpoint_initialises_the_next_stage(tmp_path):
+    """`backbone.pretrained` may be a previous stage's .ckpt: EMA weights when that run sampled with them."""
+    import lightning as L
+
+    from helpers import LatentSet, loader, tiny_flow_module
+    from lit_ovis.modules.config import EMAConfig
+
+    module = tiny_flow_module(ema=EMAConfig(enabled=True, decay=0.5))
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader(LatentSet(n=4)))
+    trainer.save_checkpoint(tmp_path / "stage.ckpt")
+    loaded = build_backbone("tiny", pretrained=str(tmp_path / "stage.ckpt"))
+    ema = module.ema.shadow_state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, ema[name] if name in ema else module.backbone.state_dict()[name]), name
+    raw = dict(module.backbone.named_parameters())
+    assert any(not torch.equal(loaded.state_dict()[n], raw[n]) for n in ema)  # really the EMA, not the raw weights
+
+
 def test_pack_unpack_and_ids_match_pipeline():
     z = torch.randn(2, 16, 6, 10)
     packed = pack_latents(z)

@@ -18,7 +18,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
 from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
 from lit_ovis.errors import CheckpointError
 from lit_ovis.generator import _cfg
-from lit_ovis.models.backbone import build_backbone
+from lit_ovis.models.backbone import build_backbone, uses_ema_weights
 from lit_ovis.models.text_encoder import build_text_encoder
 from lit_ovis.models.vae import build_vae
 from lit_ovis.modules.config import BackboneConfig, EncoderConfig
@@ -42,9 +42,12 @@ def build_pipeline(transformer, text_encoder, vae, sampling: SamplingConfig) -> 
     )
 
 
-def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = False, dtype: str = "fp32") -> Path:
-    ckpt = load_training_checkpoint(checkpoint_path)
+def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool | None = None, dtype: str = "fp32") -> Path:
+    """`use_ema=None`: the weights the run sampled its grids with (EMA when it had and used one)."""
+    ckpt = load_training_checkpoint(checkpoint_path, ema=use_ema is not False)
     hp = hyper_parameters(ckpt)
+    if use_ema is None:
+        use_ema = uses_ema_weights(ckpt, hp)
     backbone_cfg = _cfg(hp, "backbone", BackboneConfig)
     encoders = _cfg(hp, "encoders", EncoderConfig)
     sampling = _cfg(hp, "sampling", SamplingConfig)
@@ -78,15 +81,19 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool = Fal
     return out
 
 
+WEIGHTS = {"auto": None, "ema": True, "raw": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lit-ovis export", description=__doc__)
     parser.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint directory")
     parser.add_argument("output_dir", help="diffusers folder to write (replaced atomically if it exists)")
-    parser.add_argument("--use_ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+                        help="auto: the EMA weights when the run sampled with them (its grids show them), else raw")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.output_dir, args.use_ema, args.dtype)
+        out = export_checkpoint(args.checkpoint, args.output_dir, WEIGHTS[args.weights], args.dtype)
     except CheckpointError as err:
         print(f"error: {err}")
         return 2

@@ -176,3 +176,10 @@ def fixed_window(num_steps: int, start: int, size: int, valid: torch.Tensor | No
     start = min(max(start, 0), last - 1)
     end = last if size <= 0 else min(start + size, last)
     return start, end
+
+
+def sliding_window_start(iteration: int, num_valid: int, size: int, shift_every: int, stride: int = 1) -> int:
+    """MixGRPO-style schedule (Li et al. 2025, arXiv 2507.21802): train the `size` noisiest steps first, then
+    move the window `stride` steps towards the clean end every `shift_every` iterations, and stay at the end."""
+    size = max(1, min(size, num_valid))
+    return min((iteration // max(shift_every, 1)) * max(stride, 1), num_valid - size)

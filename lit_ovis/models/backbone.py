@@ -36,6 +36,10 @@ def build_backbone(
     """
     if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
         pretrained = None  # a command-line `null` that arrived as text
+    if pretrained and _is_training_checkpoint(pretrained):
+        model = build_backbone(preset, None, device, dtype)
+        _load_checked(model, _training_checkpoint_weights(pretrained), pretrained)
+        return model
     if pretrained and not _is_single_file(pretrained):
         return _from_pretrained_folder(pretrained, dtype=dtype)
     config = backbone_config(preset)
@@ -61,6 +65,30 @@ def _is_single_file(path: str) -> bool:
     return path.endswith(SAFETENSORS_SUFFIXES) or path.endswith((".pt", ".pth", ".bin"))
 
 
+def _is_training_checkpoint(path: str) -> bool:
+    """A Lightning `.ckpt` file or a sharded (DCP) checkpoint directory of a previous stage."""
+    return path.endswith(".ckpt") or (Path(path) / ".metadata").is_file()
+
+
+def _training_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
+    """Backbone weights of a training checkpoint: the EMA weights when the run sampled with them (what its
+    grids and exports showed), else the raw weights; so SFT starts from pretraining, DPO from SFT, ..."""
+    from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
+
+    ckpt = load_training_checkpoint(path)
+    return backbone_state_dict(ckpt, use_ema=uses_ema_weights(ckpt, hyper_parameters(ckpt)))
+
+
+def uses_ema_weights(checkpoint: dict, hparams: dict) -> bool:
+    """True when the checkpoint holds EMA weights and its run sampled with them (`ema.use_for_sampling`)."""
+    state = checkpoint.get("state_dict") or {}
+    if not any(k.startswith("ema.") for k in state):
+        return False
+    ema = hparams.get("ema")
+    use = ema.get("use_for_sampling", True) if isinstance(ema, dict) else getattr(ema, "use_for_sampling", True)
+    return bool(use)
+
+
 def _from_pretrained_folder(path: str, dtype: torch.dtype) -> OvisImageTransformer2DModel:
     local = Path(path)
     subfolder = "transformer" if (local / "transformer").is_dir() else None
@@ -71,14 +99,23 @@ def _from_pretrained_folder(path: str, dtype: torch.dtype) -> OvisImageTransform
         )
     is_hub_id = not local.exists()
     try:
-        return OvisImageTransformer2DModel.from_pretrained(
-            path, subfolder="transformer" if is_hub_id else subfolder, torch_dtype=dtype
+        model, info = OvisImageTransformer2DModel.from_pretrained(
+            path, subfolder="transformer" if is_hub_id else subfolder, torch_dtype=dtype, output_loading_info=True
         )
     except OSError as err:
         raise CheckpointError(
             f"{path}: could not load the backbone ({str(err).splitlines()[0]}); check the path or download the "
             "weights first (no network access at run time)"
         ) from None
+    # diffusers only warns about missing keys and leaves them randomly initialised: refuse instead.
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    mismatched = info.get("mismatched_keys") or []
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"{path}: weights do not match the backbone config: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+            f"{len(unexpected)} unexpected, {len(mismatched)} wrong-shape keys; re-export the folder or pick the matching weights"
+        )
+    return model
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -100,8 +137,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_weights(model: OvisImageTransformer2DModel, path: str) -> None:
-    """Load a diffusers-layout state dict strictly, reporting key mismatches in one line."""
-    state = read_state_dict(path)
+    """Load a diffusers-layout weight file strictly, reporting key mismatches in one line."""
+    _load_checked(model, read_state_dict(path), path)
+
+
+def _load_checked(model: OvisImageTransformer2DModel, state: dict[str, torch.Tensor], path: str, check_only: bool = False) -> None:
+    """Strict load with one-line errors; `check_only=True` checks keys and shapes without copying (e.g. against a meta model)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -117,7 +158,36 @@ def load_backbone_weights(model: OvisImageTransformer2DModel, path: str) -> None
             f"{path}: {len(bad_shapes)} tensors have the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs "
             f"{tuple(expected[k].shape)}); pick the preset the weights were trained with"
         )
-    model.load_state_dict(state, strict=True)
+    if not check_only:
+        model.load_state_dict(state, strict=True)
+
+
+def backbone_skeleton(preset: str = "tiny", pretrained: str | None = None) -> OvisImageTransformer2DModel:
+    """The backbone on the meta device (no memory), shaped like `pretrained` when it is a diffusers folder or
+    hub id (its config.json), else like `preset`: FSDP2 shards it first, then rank 0's weights fill the shards."""
+    config = backbone_config(preset)
+    if pretrained and not _is_training_checkpoint(pretrained) and not _is_single_file(pretrained):
+        local = Path(pretrained)
+        subfolder = "transformer" if (local / "transformer").is_dir() or not local.exists() else None
+        try:
+            loaded = OvisImageTransformer2DModel.load_config(pretrained, subfolder=subfolder)
+        except OSError as err:
+            raise CheckpointError(f"{pretrained}: could not read the backbone config ({str(err).splitlines()[0]}); check the path") from None
+        config = {k: v for k, v in loaded.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return OvisImageTransformer2DModel(**config)
+
+
+def pretrained_state_dict(preset: str, pretrained: str) -> dict[str, torch.Tensor]:
+    """The full, key-checked weights of `pretrained` on CPU (read by one rank, then broadcast to the shards)."""
+    if _is_training_checkpoint(pretrained):
+        state = _training_checkpoint_weights(pretrained)
+    elif _is_single_file(pretrained):
+        state = read_state_dict(pretrained)
+    else:
+        return _from_pretrained_folder(pretrained, dtype=torch.float32).state_dict()
+    _load_checked(backbone_skeleton(preset), state, pretrained, check_only=True)
+    return state
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_ovis.ema import EMA
-from lit_ovis.models.backbone import build_backbone
+from lit_ovis.models.backbone import backbone_skeleton, build_backbone
 from lit_ovis.models.text_encoder import build_text_encoder, text_ids
 from lit_ovis.models.vae import build_vae, latent_image_ids
 from lit_ovis.modules.config import DTYPES, BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
@@ -71,15 +71,37 @@ class OvisBaseModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.backbone is not None:  # Lightning may call this more than once
             return
-        self.backbone = build_backbone(self.backbone_cfg.preset, self.backbone_cfg.pretrained)
+        cfg, mesh = self.backbone_cfg, self.device_mesh
+        # Sharded runs from pretrained weights build on the meta device and fill the shards from one rank's
+        # copy (lit_ovis.parallel.init); everything else builds the full model here.
+        lazy = mesh is not None and cfg.pretrained is not None and self.supports_sharded_init()
+        self.backbone = backbone_skeleton(cfg.preset, cfg.pretrained) if lazy else build_backbone(cfg.preset, cfg.pretrained)
         self.build_frozen()
         self.place_frozen()
-        if self.device_mesh is not None:
-            parallelize_module(self, self.device_mesh, self.parallel)
-        elif self.parallel.activation_checkpointing != "none" or self.parallel.compile:
-            parallelize_module(self, None, self.parallel)
+        # Every lever applies with or without a mesh (attention backend, checkpointing, offloading, compile);
+        # sharding only when ModelParallelStrategy provides a device mesh.
+        parallelize_module(self, mesh, self.parallel)
+        if lazy:
+            self.materialize_sharded_backbones()
         if self.ema_cfg.enabled:
             self.ema = EMA(self.backbone, self.ema_cfg.decay)
+
+    def supports_sharded_init(self) -> bool:
+        """Whether every meta module left by `build_frozen` is a copy of the pretrained backbone (stages that
+        add layers of their own, e.g. a LoRA adapter, build the full model instead)."""
+        return True
+
+    def materialize_sharded_backbones(self) -> None:
+        """Fill the sharded meta backbone (and frozen copies of it, e.g. a reference model) from rank 0's weights."""
+        from lit_ovis.models.backbone import pretrained_state_dict
+        from lit_ovis.parallel.init import is_meta, materialize_from_rank0
+
+        cfg = self.backbone_cfg
+        state = pretrained_state_dict(cfg.preset, cfg.pretrained) if self.global_rank == 0 else None
+        device = self.trainer.strategy.root_device
+        for module in [self.backbone, *self._frozen.values()]:
+            if is_meta(module):
+                materialize_from_rank0(module, state, device)
 
     @property
     def device_mesh(self):
@@ -93,7 +115,7 @@ class OvisBaseModule(L.LightningModule):
         device = self.device
         for module in self._frozen.values():
             p = next(module.parameters(), None)
-            if p is not None and not hasattr(p, "device_mesh") and p.device != device:
+            if p is not None and not hasattr(p, "device_mesh") and not p.is_meta and p.device != device:
                 module.to(device)
 
     def on_fit_start(self) -> None:
@@ -169,8 +191,21 @@ class OvisBaseModule(L.LightningModule):
                 norm = norm.full_tensor()
             self.log("train/grad_norm", norm, on_step=True, prog_bar=False)
 
+    def on_train_start(self) -> None:
+        self._ema_seen_step = self.global_step
+
+    def skip_ema_update(self) -> None:
+        """The optimizer step of this batch was skipped (e.g. by NanGuard): the weights did not move, so the
+        EMA must not count it."""
+        self._ema_seen_step = self.global_step
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None and self.global_step % self.ema_cfg.every_n_steps == 0:
+        # EMA follows optimizer steps, not micro-batches: under gradient accumulation (or a manual-optimization
+        # stage with several micro-batches) global_step only moves when the weights moved.
+        if self.ema is None or self.global_step == getattr(self, "_ema_seen_step", None):
+            return
+        self._ema_seen_step = self.global_step
+        if self.global_step % self.ema_cfg.every_n_steps == 0:
             self.ema.update(self.backbone)
 
     def train_flops_per_sample(self, latent_h: int, latent_w: int) -> int:

@@ -28,8 +28,11 @@ class FlowMatchingModule(OvisBaseModule):
     ):
         super().__init__(backbone, encoders, optimizer, ema, sampling, parallel)
         self.flow_cfg = flow_matching
-        # Per-timestep-range loss means; weighted updates need no host sync inside the step.
-        self.bucket_loss = torch.nn.ModuleList(MeanMetric() for _ in range(max(flow_matching.loss_buckets, 0)))
+        # Per-timestep-range loss means. nan_strategy="disable" skips torchmetrics' `if nans.any()` (a host sync
+        # every step); non-finite losses get weight 0 in `_log_timestep_buckets` instead, on the device.
+        self.bucket_loss = torch.nn.ModuleList(
+            MeanMetric(nan_strategy="disable") for _ in range(max(flow_matching.loss_buckets, 0))
+        )
 
     def flow_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None):
         """Loss, per-sample losses and timesteps for one batch (shared with validation)."""
@@ -72,6 +75,8 @@ class FlowMatchingModule(OvisBaseModule):
         if n <= 1:
             return
         buckets = flow.timestep_buckets(t, n)
+        finite = torch.isfinite(per_sample)
+        values = torch.where(finite, per_sample, torch.zeros_like(per_sample))
         for k, metric in enumerate(self.bucket_loss):
-            metric.update(per_sample, weight=(buckets == k).to(per_sample.dtype))
+            metric.update(values, weight=((buckets == k) & finite).to(per_sample.dtype))
             self.log(f"{stage}/loss_t{k}", metric, on_step=False, on_epoch=True)

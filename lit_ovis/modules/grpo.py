@@ -33,7 +33,7 @@ import torch.distributed as dist
 from lit_ovis.errors import ConfigError
 from lit_ovis.losses.grpo import (
     GroupStatTracker, fixed_window, gaussian_step_kl, group_advantages, logp_change_signal,
-    noise_advantage_signal, ppo_clip_loss, select_window, update_step_scores,
+    noise_advantage_signal, ppo_clip_loss, select_window, sliding_window_start, update_step_scores,
 )
 from lit_ovis.models.text_encoder import text_ids
 from lit_ovis.models.vae import latent_image_ids, latent_size, unpack_latents
@@ -77,9 +77,11 @@ class GRPOConfig:
     stat_min_count: int = 16
     kl_beta: float = 0.04  # KL penalty to the reference (DPO) model; 0 skips the reference forward
     log_prob_reduce: str = "mean"  # "mean" (Flow-GRPO) | "sum" over latent dims
-    window: str = "adaptive"  # "adaptive" | "fixed" | "all"
+    window: str = "adaptive"  # "adaptive" | "sliding" (scheduled, noisy -> clean) | "fixed" | "all"
     window_size: int = 4  # steps trained per iteration
     window_start: int = 0  # for window="fixed"
+    window_shift_every: int = 25  # window="sliding": iterations before the window moves `window_stride` steps
+    window_stride: int = 1
     window_signal: str = "noise"  # "noise": noise_advantage_signal on all steps | "logp_change": on trained steps
     window_ema: float = 0.9
     window_explore: float = 0.1  # "logp_change" only: chance of a random window so untrained steps get scored
@@ -162,6 +164,9 @@ class GRPOModule(OvisBaseModule):
     ):
         super().__init__(backbone, encoders, optimizer, ema, sampling, parallel)
         self._validate(grpo)
+        if lora.enabled and lora.dropout > 0:
+            # rollouts run in eval mode (no dropout): a dropout-perturbed update would not be on-policy (ratio != 1)
+            raise ConfigError(f"lora.dropout must be 0 for GRPO (got {lora.dropout}): rollouts and updates must be the same policy")
         self.grpo = grpo
         self.lora_cfg = lora
         self.automatic_optimization = False
@@ -176,10 +181,14 @@ class GRPOModule(OvisBaseModule):
             raise ConfigError(f"grpo.sampler must be 'sde' or 'cps' (of {SAMPLERS}), got {cfg.sampler!r}")
         if cfg.noise_level <= 0:
             raise ConfigError("grpo.noise_level must be > 0: deterministic rollouts have no log-probs to train")
+        if cfg.sampler == "cps" and cfg.noise_level > 1:
+            raise ConfigError(f"grpo.noise_level is CPS's eta and must lie in (0, 1], got {cfg.noise_level}")
+        if cfg.rollout_batch_size < 1 or cfg.train_batch_size < 1:
+            raise ConfigError("grpo.rollout_batch_size and grpo.train_batch_size must be >= 1")
         if cfg.group_size < 2 and not cfg.per_prompt_stats:
             raise ConfigError("grpo.group_size must be >= 2 (or set grpo.per_prompt_stats) for group advantages")
-        if cfg.window not in ("adaptive", "fixed", "all"):
-            raise ConfigError(f"grpo.window must be 'adaptive', 'fixed' or 'all', got {cfg.window!r}")
+        if cfg.window not in ("adaptive", "sliding", "fixed", "all"):
+            raise ConfigError(f"grpo.window must be 'adaptive', 'sliding', 'fixed' or 'all', got {cfg.window!r}")
         if cfg.window_signal not in ("noise", "logp_change"):
             raise ConfigError(f"grpo.window_signal must be 'noise' or 'logp_change', got {cfg.window_signal!r}")
         if (cfg.height % 16) or (cfg.width % 16):
@@ -214,6 +223,9 @@ class GRPOModule(OvisBaseModule):
             ref = copy.deepcopy(self.backbone).eval()
             ref.requires_grad_(False)
             self._frozen["reference"] = ref
+
+    def supports_sharded_init(self) -> bool:
+        return not self.lora_cfg.enabled  # LoRA layers are initialised by peft, not by the pretrained weights
 
     def _add_lora(self) -> None:
         from peft import LoraConfig
@@ -309,6 +321,10 @@ class GRPOModule(OvisBaseModule):
             return fixed_window(k, 0, 0, valid)
         if cfg.window == "fixed":
             return fixed_window(k, cfg.window_start, cfg.window_size, valid)
+        if cfg.window == "sliding":  # derived from global_step, so a resumed run continues the schedule
+            iteration = self.global_step // self._opt_steps_per_iter(adv.shape[0])
+            start = sliding_window_start(iteration, int(valid.sum()), cfg.window_size, cfg.window_shift_every, cfg.window_stride)
+            return fixed_window(k, start, cfg.window_size, valid)
         if cfg.window_signal == "noise":
             sig = noise_advantage_signal(traj.noise, adv, keys)
             if dist.is_available() and dist.is_initialized():  # identical window on every rank

@@ -82,12 +82,15 @@ def generate_images(
 ) -> torch.Tensor:
     """Prompts -> images [B, 3, H, W] in [0, 1]. One seed per prompt (or a base seed, incremented)."""
     height, width = height or cfg.height, width or cfg.width
-    device = next(transformer.parameters()).device
+    param = next(transformer.parameters())
+    # The encoders may run in bf16 beside an fp32 backbone (or the other way round): feed the backbone its
+    # own dtype, as the pipeline does (FSDP2 mixed precision then casts to its compute dtype itself).
+    device, dtype = param.device, param.dtype
     seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
-    embeds = text_encoder.encode(prompts).to(device)
+    embeds = text_encoder.encode(prompts).to(device, dtype)
     negative = None
     if cfg.guidance_scale > 1.0:
-        negative = text_encoder.encode([cfg.negative_prompt] * len(prompts)).to(device)
+        negative = text_encoder.encode([cfg.negative_prompt] * len(prompts)).to(device, dtype)
     # One generator per sample so an image does not depend on its batch neighbours.
     noise = torch.cat([
         initial_noise(1, height, width, torch.Generator("cpu").manual_seed(s), device=device, dtype=embeds.dtype)
