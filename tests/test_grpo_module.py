@@ -126,8 +126,8 @@ def test_config_runs_on_cpu_with_the_tiny_override():
     m = GRPOModule(**{k: sections[k](**v) for k, v in args.items()})
     assert m.grpo.sampler == "cps" and m.grpo.rollout_steps < m.sampling_cfg.steps and m.grpo.kl_beta > 0
     m.configure_model()
-    fns = m.build_rewards()  # the real scorer registry: lit_ovis.scoring's "brightness"
-    assert list(fns) == ["brightness"]
+    ensemble = m.build_rewards()  # the real scorer registry: lit_ovis.scoring's "brightness"
+    assert list(ensemble.scorers) == ["brightness"]
     L.seed_everything(0)
     rows = fit(m, 2)
     last = rows[-1]

@@ -56,7 +56,7 @@ def test_reference_gets_no_gradient_and_policy_gradient_is_dpo():
     torch.testing.assert_close(pw.grad, expected.detach())
 
 
-def _brute_force_lambda(pw, tw, pl, tl, mu, lmin, lmax, eps=1e-12):
+def _brute_force_lambda(pw, tw, pl, tl, mu, lmin, lmax, eps=1e-12, margin=0.0):
     pw = pw.clone().requires_grad_(True)
     pl = pl.clone().requires_grad_(True)
     Lw = ((pw - tw) ** 2).flatten(1).mean(1)
@@ -69,7 +69,7 @@ def _brute_force_lambda(pw, tw, pl, tl, mu, lmin, lmax, eps=1e-12):
         inner = float(gw[i] @ gl[i])
         gw2 = float(gw[i] @ gw[i])
         lam = mu * inner / (float(gl[i] @ gl[i]) + eps)
-        hi = min(lmax, gw2 / inner) if inner > 0 else lmax
+        hi = min(lmax, (1 - margin) * gw2 / inner) if inner > 0 else lmax
         lo = min(max(lmin, 0.0), hi)
         out.append((min(max(lam, lo), hi), inner, gw2))
     return out
@@ -178,3 +178,40 @@ def test_safeguard_keeps_winner_loss_non_increasing_where_plain_dpo_raises_it():
         # at the boundary (report mu = 1 / paper mu = 0) lambda = |g_w|^2 / <g_w, g_l>: zero first-order change
         fo_edge, _, st = _winner_change_after_step(safeguard=True, rule=rule, mu=1.0 if rule == "report" else 0.0)
         assert abs(fo_edge) < 1e-12 and st["lambda_mean"].item() == pytest.approx(1 / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("rule,mu", [("report", 1.0), ("report", 3.0), ("paper", 0.0)])
+def test_safety_margin_clips_both_rules_with_strict_winner_decrease(rule, mu):
+    g = torch.Generator().manual_seed(5)
+    b, margin = 16, 0.3
+    tw = torch.randn(b, 4, 6, generator=g)
+    pw = tw + torch.randn(b, 4, 6, generator=g)
+    tl = tw + 0.3 * torch.randn(b, 4, 6, generator=g)
+    # losers' errors nearly parallel to the winners' (the text-pair case: <g_w, g_l> ~ |g_w|^2)
+    pl = tl + (pw - tw) * torch.linspace(0.5, 2.0, b).reshape(b, 1, 1) + 0.05 * torch.randn(b, 4, 6, generator=g)
+    lam = sdpo_lambda(pw, tw, pl, tl, mu=mu, rule=rule, safety_margin=margin)
+    gw, gl = mse_output_grad(pw, tw), mse_output_grad(pl, tl)
+    inner, gw2 = (gw * gl).sum(1), gw.pow(2).sum(1)
+    assert (inner > 0).all()
+    # the first-order winner change -eta s (|g_w|^2 - lambda <g_w, g_l>) is at most -margin * eta s |g_w|^2
+    assert (lam * inner <= (1 - margin) * gw2 * (1 + 1e-5)).all()
+    if rule == "report":
+        ref = _brute_force_lambda(pw, tw, pl, tl, mu, 0.0, 1.0, margin=margin)
+        torch.testing.assert_close(lam, torch.tensor([r[0] for r in ref]), rtol=1e-5, atol=1e-7)
+    # without the margin, the report rule with mu = 1 leaves lambda ~ 1 on near-parallel pairs
+    if rule == "report" and mu == 1.0:
+        plain = sdpo_lambda(pw, tw, pl, tl, mu=1.0, rule="report")
+        assert (lam < plain - 0.1).any() and (lam <= plain + 1e-7).all()
+    with pytest.raises(ValueError, match="safety_margin"):
+        sdpo_lambda(pw, tw, pl, tl, safety_margin=1.5)
+
+
+def test_safety_margin_first_order_step_on_the_shared_output_model():
+    # g_l = 3 g_w (the _SharedOutput setup): the bound (1 - margin) |g_w|^2 / <g_w, g_l> = (1 - margin) / 3
+    for margin in (0.0, 0.25):
+        torch.manual_seed(0)
+        model, ref = _SharedOutput(8), _SharedOutput(8)
+        e, x = torch.ones(1, 8), torch.zeros(1, 8)
+        pred = model(x)
+        _, st = sdpo_loss(pred, pred, 1.0 * e, 3.0 * e, ref(x).detach(), ref(x).detach(), beta=10.0, mu=1.0, safety_margin=margin)
+        assert st["lambda_mean"].item() == pytest.approx((1 - margin) / 3, rel=1e-5)

@@ -1,9 +1,11 @@
-"""SDPOModule: frozen reference (also under FSDP2), batched winner/loser forward, learning on synthetic pairs."""
+"""SDPOModule: frozen reference (also under FSDP2) on the policy's code path, batched winner/loser forward with
+shared per-step noise, and learning on rendered-text preference pairs (with held-out pairs)."""
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -138,22 +140,184 @@ def test_config_errors_name_the_option():
         tiny_sdpo(safeguard_rule="paper", mu=2.0)
     with pytest.raises(ConfigError, match="safeguard_rule"):
         tiny_sdpo(safeguard_rule="bogus")
+    with pytest.raises(ConfigError, match="dpo.safety_margin"):
+        tiny_sdpo(safety_margin=1.5)
 
 
-class AccuracyCurve(L.Callback):
-    """Implicit accuracy / reward margin on fixed pairs (fixed noise and timesteps) every `every` steps, and
-    the logged lambda_safe statistics of each training step."""
+def test_winner_and_loser_share_noise_and_timestep_from_the_step_generator(one_thread):
+    """training_step draws noise and timesteps from `step_generator(batch_idx)` (per rank/step/micro-batch, so a
+    resumed run redraws them exactly); winner and loser get the same ones, and so does the reference."""
+    L.seed_everything(0)
+    module = tiny_sdpo(timestep_sampling="logit_normal")
+    module.configure_model()
+    calls, seen = [], {"policy": [], "reference": []}
+    original = module.step_generator
+    module.step_generator = lambda batch_idx=0: calls.append(batch_idx) or original(batch_idx)
+    for name, model in (("policy", module.backbone), ("reference", module.reference)):
+        model.register_forward_pre_hook(
+            lambda mod, args, kwargs, name=name: seen[name].append((kwargs["hidden_states"].detach().clone(), kwargs["timestep"].detach().clone())),
+            with_kwargs=True)
+    batch = next(iter(DataLoader(PairSet(), batch_size=4)))
+    from lit_ovis.models.vae import pack_latents
 
-    def __init__(self, batch, every: int = 25):
-        self.batch, self.every = batch, every
-        self.curve: list[tuple[int, float, float, float, float]] = []
-        self.lambdas: list[tuple[float, float, float]] = []
+    pw, pl = pack_latents(batch["latents_w"]), pack_latents(batch["latents_l"])
+    noises = []
+    for batch_idx in (3, 3, 4):
+        module.training_step(batch, batch_idx)
+        x, t = seen["policy"][-1]
+        x_ref, t_ref = seen["reference"][-1]
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=0)  # the reference sees the policy's exact inputs
+        torch.testing.assert_close(t, t_ref, rtol=0, atol=0)
+        x_w, x_l = x.chunk(2)
+        t_w, t_l = t.chunk(2)
+        assert torch.equal(t_w, t_l)  # one timestep per pair
+        tt = t_w.reshape(-1, 1, 1)
+        noise_w, noise_l = (x_w - (1 - tt) * pw) / tt, (x_l - (1 - tt) * pl) / tt
+        torch.testing.assert_close(noise_w, noise_l, rtol=1e-4, atol=1e-4)  # one noise per pair
+        noises.append((noise_w, t_w))
+    assert calls == [3, 3, 4]
+    torch.testing.assert_close(noises[0][0], noises[1][0])  # same step and micro-batch: the same draw (resume)
+    assert not torch.allclose(noises[0][0], noises[2][0], atol=1e-3)  # another micro-batch: another draw
+
+
+def test_reference_runs_the_policy_code_path(one_thread):
+    """The reference gets the policy's attention backend and compiled blocks (no mesh here; under FSDP2
+    `parallelize_module` shards both with the same mixed-precision policy), and nothing the policy lacks."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from lit_ovis.modules.config import EncoderConfig
+    from lit_ovis.modules.sdpo import DPOConfig, SDPOModule
+    from lit_ovis.parallel.fsdp import ParallelConfig, blocks_of
+
+    previous = _AttentionBackendRegistry._active_backend
+    module = SDPOModule(encoders=EncoderConfig(max_sequence_length=8), parallel=ParallelConfig(attention_backend="_native_math", compile=True),
+                        dpo=DPOConfig(beta=200.0))
+    try:
+        module.configure_model()
+
+        def backends(model):
+            return {str(getattr(m.processor, "_attention_backend", None)) for m in model.modules() if hasattr(m, "processor")}
+
+        assert backends(module.reference) == backends(module.backbone) == {"AttentionBackendName._NATIVE_MATH"}
+        for pol, ref in zip(blocks_of(module.backbone), blocks_of(module.reference)):
+            assert pol._compiled_call_impl is not None and ref._compiled_call_impl is not None
+        eager = SDPOModule(encoders=EncoderConfig(max_sequence_length=8), dpo=DPOConfig(beta=200.0))
+        eager.configure_model()
+        assert not any(b._compiled_call_impl is not None for b in blocks_of(eager.reference))
+    finally:
+        for model in (module.backbone, module.reference):
+            if model is not None:
+                model.reset_attention_backend()
+        _AttentionBackendRegistry._active_backend = previous
+
+
+# --------------------------------------------------------------------------- learning on rendered-text pairs
+SEQ_LEN = 8
+SFT_STEPS = 100  # the DPO stage starts from an SFT model (the report's reference), not from random weights
+STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def text_pairs(tmp_path_factory):
+    """Rendered-text preference pairs from data_modules.preference (winner: the caption's text rendered
+    correctly; loser: the same layout with the text misspelled), tiny-VAE latents and tiny text embeddings.
+    The first 20 train, the other 12 are held out; plus the tiny MMDiT after SFT on the training winners."""
+    from litdata import StreamingDataset
+
+    from data_modules.preference import build_synthetic_pairs
+
+    root = tmp_path_factory.mktemp("textpairs")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_synthetic_pairs(str(root), 32, resolution=64, text_encoder="tiny", vae="tiny", max_sequence_length=SEQ_LEN, progress=False)
+        items = {}
+        for bucket in sorted(p for p in root.glob("64/*") if p.is_dir()):
+            ds = StreamingDataset(str(bucket))
+            for i in range(len(ds)):
+                it = ds[i]
+                items[it["id"]] = {**it, "bucket": bucket.name}
+        ids = sorted(items)
+        train, heldout = [items[i] for i in ids[:20]], [items[i] for i in ids[20:]]
+        return train, heldout, sft_weights(train)
+    finally:
+        torch.set_num_threads(n)
+
+
+def sft_weights(train) -> dict:
+    """Flow-matching SFT of the tiny MMDiT on the training winners (uniform timesteps, fixed noise)."""
+    from lit_ovis import flow
+    from lit_ovis.models.vae import pack_latents
+
+    L.seed_everything(0)
+    m = tiny_sdpo()
+    m.configure_model()
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-3)
+    batches = _bucket_batches(train, 4)
+    for step in range(SFT_STEPS):
+        batch = batches[step % len(batches)]
+        x0 = pack_latents(batch["latents_w"])
+        cond = m.conditioning(batch["latents_w"].shape[2], batch["latents_w"].shape[3], m.embed_prompts(batch))
+        g = torch.Generator().manual_seed(step)
+        t, noise = torch.rand(x0.shape[0], generator=g), torch.randn(x0.shape, generator=g)
+        loss = (m.predict_velocity(m.backbone, flow.interpolate(x0, noise, t), t, cond) - flow.velocity_target(x0, noise)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in m.backbone.state_dict().items()}
+
+
+def _collate(items):
+    embeds = torch.zeros(len(items), SEQ_LEN, items[0]["prompt_embeds"].shape[-1])
+    for k, it in enumerate(items):
+        embeds[k, : it["prompt_embeds"].shape[0]] = it["prompt_embeds"].float()
+    return {"latents_w": torch.stack([it["latents_w"].float() for it in items]),
+            "latents_l": torch.stack([it["latents_l"].float() for it in items]), "prompt_embeds": embeds,
+            "captions": [it["caption"] for it in items]}
+
+
+def _bucket_batches(items, size):
+    groups: dict[str, list] = {}
+    for it in items:
+        groups.setdefault(it["bucket"], []).append(it)
+    return [_collate(g[i: i + size]) for _, g in sorted(groups.items()) for i in range(0, len(g), size)]
+
+
+class BatchList(Dataset):
+    """Pre-collated single-bucket batches (a bucket batch sampler in miniature)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def pair_stats(module, batches, draws: int = 2) -> dict[str, float]:
+    """Pair-weighted implicit accuracy and policy-minus-reference errors under fixed noise/timestep draws."""
+    acc = dw = dl = ref = 0.0
+    n = 0
+    for b, batch in enumerate(batches):
+        k = batch["latents_w"].shape[0]
+        for d in range(draws):
+            st = fixed_stats(module, batch, seed=100 * b + d)
+            acc, n = acc + st["implicit_acc"] * k, n + k
+            dw += (st["policy_loss_w"] - st["ref_loss_w"]) * k
+            dl += (st["policy_loss_l"] - st["ref_loss_l"]) * k
+            ref += st["ref_loss_w"] * k
+    return {"acc": acc / n, "dL_w": dw / n, "dL_l": dl / n, "ref_w": ref / n}
+
+
+class Curve(L.Callback):
+    def __init__(self, train, heldout, every):
+        self.train, self.heldout, self.every = train, heldout, every
+        self.rows, self.lambdas = [], []
 
     def _eval(self, module, step):
-        rows = [fixed_stats(module, self.batch, seed) for seed in range(4)]  # several noise/timestep draws
-        mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-        self.curve.append((step, mean("implicit_acc"), mean("reward_margin"),
-                           mean("policy_loss_w") - mean("ref_loss_w"), mean("policy_loss_l") - mean("ref_loss_l")))
+        self.rows.append((step, pair_stats(module, self.train), pair_stats(module, self.heldout)))
 
     def on_train_start(self, trainer, module):
         self._eval(module, 0)
@@ -161,41 +325,51 @@ class AccuracyCurve(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         m = trainer.callback_metrics
         if "train/lambda_mean" in m:
-            self.lambdas.append((float(m["train/lambda_mean"]), float(m["train/lambda_min"]), float(m["train/lambda_max"])))
-        step = trainer.global_step
-        if step % self.every == 0 or (step < self.every and step % 2 == 0):  # finer early on
-            self._eval(module, step)
+            self.lambdas.append(float(m["train/lambda_mean"]))
+        if trainer.global_step % self.every == 0:
+            self._eval(module, trainer.global_step)
 
 
-def train_on_pairs(tmp_path, steps: int = 100, every: int = 10, **dpo):
-    L.seed_everything(0)
-    module = tiny_sdpo(**dpo)
-    data = PairSet(n=8)
-    fixed = next(iter(DataLoader(data, batch_size=8)))
-    curve = AccuracyCurve(fixed, every)
-    trainer(tmp_path, steps, callbacks=[curve], log_every_n_steps=1).fit(module, DataLoader(data, batch_size=4, shuffle=True))
-    return module, curve
+def config_safeguard() -> dict:
+    """The safeguard settings of configs/dpo.yaml (the default this test guards)."""
+    import yaml
+
+    dpo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "dpo.yaml").read_text())["model"]["init_args"]["dpo"]
+    return {k: dpo[k] for k in ("safeguard", "safeguard_rule", "mu", "safety_margin", "lambda_min", "lambda_max")}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("safeguard", [True, False], ids=["sdpo", "plain_dpo"])
-def test_tiny_model_learns_synthetic_preferences(tmp_path, one_thread, safeguard):
-    module, curve = train_on_pairs(tmp_path, safeguard=safeguard)
-    steps, accs, margins, dw, dl = zip(*curve.curve)
-    print(f"\nsafeguard={safeguard} step, implicit_acc, reward_margin, dL_w, dL_l (policy - reference):")
-    for row in curve.curve:
-        print("  %4d  %.3f  %8.3f  %+.4f  %+.4f" % row)
-    assert accs[0] <= 0.75  # policy == reference at the start (up to kernel round-off)
-    assert max(accs[-2:]) >= 0.85, curve.curve
-    assert margins[-1] > 0
-    if safeguard:
+@pytest.mark.parametrize("variant", ["config_sdpo", "plain_dpo"])
+def test_tiny_model_learns_rendered_text_preferences(tmp_path, one_thread, text_pairs, variant):
+    train, heldout, sft = text_pairs
+    dpo = config_safeguard() if variant == "config_sdpo" else {"safeguard": False}
+    L.seed_everything(0)
+    module = tiny_sdpo(**dpo)
+    module.configure_model()
+    module.backbone.load_state_dict(sft)  # policy == reference == the SFT model
+    module.reference.load_state_dict(sft)
+    train_batches, held_batches = _bucket_batches(train, 4), _bucket_batches(heldout, 16)
+    curve = Curve(_bucket_batches(train, 16), held_batches, every=STEPS // 3)
+    loader = DataLoader(BatchList(train_batches), batch_size=None, shuffle=True)
+    trainer(tmp_path, STEPS, callbacks=[curve], log_every_n_steps=1).fit(module, loader)
+    print(f"\n{variant} {dpo}: step, train acc, held-out acc, train dL_w, held-out dL_w, held-out dL_l")
+    for step, tr, ho in curve.rows:
+        print(f"  {step:4d}  {tr['acc']:.3f}  {ho['acc']:.3f}  {tr['dL_w']:+.4f}  {ho['dL_w']:+.4f}  {ho['dL_l']:+.4f}")
+    (_, tr0, ho0), (_, tr, ho) = curve.rows[0], curve.rows[-1]
+    assert abs(tr0["acc"] - 0.5) < 0.1 and abs(ho0["acc"] - 0.5) < 0.1  # policy == reference at the start
+    assert tr["acc"] >= 0.7, curve.rows  # the training preferences are learned
+    # Held-out accuracy is measured and printed; at this scale it stays near 0.5 for every variant (no
+    # generalisation from 20 pairs; benchmarks/results_dpo.md), so what is asserted on the held-out pairs is
+    # what the safeguard promises there: the winners' error.
+    if variant == "config_sdpo":
         lam = torch.tensor(curve.lambdas)
-        print("  lambda_safe per step: mean %.3f, min %.3f, max %.3f" % (lam[:, 0].mean(), lam[:, 1].min(), lam[:, 2].max()))
-        # active and within the clip interval: conflicting loser gradients are damped below 1
-        assert (lam[:, 1] >= 0).all() and (lam[:, 2] <= 1.0 + 1e-6).all() and lam[:, 0].mean() < 1.0
-        assert dw[-1] < 0  # winner-preserving: the winner's error ends below the reference's
+        print(f"  lambda_safe per step: mean {lam.mean():.3f}, min {lam.min():.3f}, max {lam.max():.3f}")
+        assert (lam >= 0).all() and (lam <= 1 + 1e-6).all() and lam.mean() < 0.9
+        # winner-preserving on the trained pairs and on pairs it never saw (within 2% of the reference error)
+        assert tr["dL_w"] <= 0.02 * tr0["ref_w"] and ho["dL_w"] <= 0.02 * ho0["ref_w"], curve.rows
     else:
         assert not curve.lambdas
+        assert ho["dL_w"] > 0.5 * ho0["ref_w"], curve.rows  # plain Diffusion-DPO ruins even unseen winners
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2

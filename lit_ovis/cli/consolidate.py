@@ -56,12 +56,16 @@ def load_sharded_checkpoint(path: str | os.PathLike, ema: bool = True) -> dict[s
     return state
 
 
-def consolidate(checkpoint: str, output: str, use_ema: bool = False, diffusers_dir: str | None = None) -> Path:
+def consolidate(checkpoint: str, output: str, use_ema: bool | None = None, diffusers_dir: str | None = None) -> Path:
+    """`use_ema=None`: the weights the run sampled with (EMA when it had and used one), like `export`."""
     from safetensors.torch import save_file
 
     from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
+    from lit_ovis.models.backbone import uses_ema_weights
 
-    ckpt = load_training_checkpoint(checkpoint, ema=use_ema)
+    ckpt = load_training_checkpoint(checkpoint, ema=use_ema is not False)
+    if use_ema is None:
+        use_ema = uses_ema_weights(ckpt, hyper_parameters(ckpt))
     weights = {k: v.contiguous() for k, v in backbone_state_dict(ckpt, use_ema=use_ema).items()}
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lit-ovis consolidate", description=__doc__)
     p.add_argument("checkpoint", help="sharded checkpoint directory (or a .ckpt file)")
     p.add_argument("output", help="output .safetensors file (backbone, diffusers key layout)")
-    p.add_argument("--use-ema", "--ema", action="store_true", help="write the EMA weights (train with --model.ema.enabled true)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--use-ema", "--ema", dest="use_ema", action="store_const", const=True, default=None,
+                       help="write the EMA weights (default: the EMA weights when the run sampled with them, else raw)")
+    which.add_argument("--raw", dest="use_ema", action="store_const", const=False, help="write the raw (non-EMA) weights")
     p.add_argument("--diffusers-dir", default=None, help="also write an OvisImageTransformer2DModel folder here")
     args = p.parse_args(argv)
     try:

@@ -1,16 +1,25 @@
 """`lit-ovis eval`: generate images for a prompt set, score them, write metrics JSON + an HTML gallery.
 
-Resumable: an image already on disk is not regenerated and a scored sample is not rescored. With
-WORLD_SIZE > 1 (torchrun / srun) each rank takes every WORLD_SIZE-th prompt; the report is written by
+Metrics follow the benchmarks' own scripts (`lit_ovis.scoring.metrics`): CVTG-2K word accuracy and NED pooled
+over every target word (overall, EN / ZH, and per region count 2-5 for CVTG-2K prompts), LongText-Bench text
+accuracy pooled over words (EN) or characters (ZH), CLIPScore as CVTG-2K reports it, and any registered scorer.
+
+Resumable and safe to rerun: every sample has a fingerprint of its prompt record, seed, model identity (path,
+size and modification time of the weights) and sampling settings. An image is reused only when its
+fingerprint matches, so a changed prompt file, checkpoint or setting regenerates exactly the samples it
+affects; a scorer added on a rerun is computed for the existing images without regenerating them.
+With WORLD_SIZE > 1 (torchrun / srun) each rank takes every WORLD_SIZE-th prompt; the report is written by
 whichever rank finds every sample finished.
 
     lit-ovis eval runs/sft/checkpoints/last.ckpt prompts.jsonl --output-dir eval/sft --scorers ocr
+    lit-ovis eval exported/ CVTG-2K/ --output-dir eval/cvtg --scorers ocr,clip --clip-model /models/clip-vit-large-patch14
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import html
 import io
 import json
@@ -24,9 +33,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from lit_ovis.errors import CheckpointError, ConfigError, DataError
-from lit_ovis.scoring import build_scorer
-from lit_ovis.scoring.metrics import ned, word_accuracy
+from lit_ovis.scoring import Scorer, ScorerEnsemble, flag_options, json_option
+from lit_ovis.scoring.ensemble import parse_weights
+from lit_ovis.scoring.metrics import WordScores, pool_words
 from lit_ovis.scoring.prompt_sets import read_prompt_set
+
+RECORD_KEYS = ("id", "prompt", "target_text", "target_texts", "language", "benchmark", "regions", "subset", "tag")
+OCR_FIELDS = ("ocr_text", "word_accuracy", "ned", "text_accuracy", "reward")
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -42,62 +55,118 @@ def _atomic_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(generator, items: list[dict], output_dir: str, scorers: dict, seed: int = 0, batch_size: int = 4,
-             steps: int | None = None, guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-             rank: int = 0, world_size: int = 1, progress: bool = True) -> dict | None:
+def model_identity(path: str, **settings) -> str:
+    """Cheap identity of the weights: resolved path plus size and mtime of every file (no hashing of GBs)."""
+    p = Path(path).resolve()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    parts = [str(p)] + [f"{f.relative_to(p) if f != p else f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256(json.dumps([parts, settings], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(item: dict, seed: int, model_id: str, sampling: dict) -> str:
+    record = {k: item.get(k) for k in RECORD_KEYS}
+    blob = json.dumps({"item": record, "seed": seed, "model": model_id, "sampling": sampling}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _as_ensemble(scorers) -> ScorerEnsemble:
+    if isinstance(scorers, ScorerEnsemble):
+        return scorers
+    return ScorerEnsemble(dict(scorers))
+
+
+def _load_record(path: Path, fp: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # a corrupt record is rescored
+    return record if record.get("fingerprint") == fp else None
+
+
+def evaluate(generator, items: list[dict], output_dir: str, scorers: ScorerEnsemble | dict[str, Scorer], seed: int = 0,
+             batch_size: int = 4, steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
+             width: int | None = None, rank: int = 0, world_size: int = 1, progress: bool = True, model_id: str = "") -> dict | None:
+    ensemble = _as_ensemble(scorers)
+    names = list(ensemble.scorers)
     out = Path(output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "records").mkdir(parents=True, exist_ok=True)
+    sampling = {"steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width}
+    fps = [fingerprint(it, seed + i, model_id, sampling) for i, it in enumerate(items)]
+    image_of = lambda i: out / "images" / f"{i:06d}-{fps[i]}.png"  # noqa: E731
     mine = [(i, it) for i, it in enumerate(items) if i % world_size == rank]
-    todo = [(i, it) for i, it in mine if not (out / "images" / f"{i:06d}.png").exists()]
+
+    todo = [(i, it) for i, it in mine if not image_of(i).exists()]
+    for i, _ in todo:  # images of an older prompt / model / setting at this position are stale
+        for old in (out / "images").glob(f"{i:06d}-*.png"):
+            old.unlink()
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="eval generate", unit="img", disable=not progress, file=sys.stderr)
     for k in range(0, len(todo), batch_size):
-        chunk = todo[k : k + batch_size]
+        chunk = todo[k: k + batch_size]
         images = generator.sample([it["prompt"] for _, it in chunk], seed=[seed + i for i, _ in chunk], steps=steps,
                                   guidance_scale=guidance_scale, height=height, width=width)
         for (i, _), image in zip(chunk, images):
-            _save_png(image, out / "images" / f"{i:06d}.png")
+            _save_png(image, image_of(i))
         bar.update(len(chunk))
     bar.close()
 
-    ocr = scorers.get("ocr")
-    unscored = [(i, it) for i, it in mine if not (out / "records" / f"{i:06d}.json").exists()]
-    for k in range(0, len(unscored), batch_size):
-        chunk = unscored[k : k + batch_size]
-        images = [Image.open(out / "images" / f"{i:06d}.png").convert("RGB") for i, _ in chunk]
-        prompts = [it["prompt"] for _, it in chunk]
-        meta = [{"target_text": it["target_text"], "language": it["language"]} for _, it in chunk]
-        scores = {name: s.score(images, prompts, meta).tolist() for name, s in scorers.items()}
-        texts = ocr.read(images) if ocr is not None else [""] * len(chunk)
-        for j, ((i, it), text) in enumerate(zip(chunk, texts)):
-            record = {**it, "index": i, "image": f"images/{i:06d}.png", "ocr_text": text,
-                      "scores": {name: vals[j] for name, vals in scores.items()}}
-            if ocr is not None and it["target_text"]:
-                record["word_accuracy"] = word_accuracy(text, it["target_text"], it["language"])
-                record["ned"] = ned(text, it["target_text"], it["language"])
-            _atomic_json(record, out / "records" / f"{i:06d}.json")
-    if not all((out / "records" / f"{i:06d}.json").exists() for i in range(len(items))):
-        return None  # other ranks still working; the last one to finish writes the report
-    return write_report(out, len(items))
+    # Score what each record lacks: everything for a new or stale record, only new scorers otherwise.
+    pending: dict[tuple[str, ...], list[tuple[int, dict, dict]]] = {}
+    for i, it in mine:
+        record = _load_record(out / "records" / f"{i:06d}.json", fps[i]) or {
+            **{k: it.get(k) for k in RECORD_KEYS}, "index": i, "fingerprint": fps[i], "image": f"images/{image_of(i).name}", "scores": {}}
+        missing = tuple(n for n in names if n not in record["scores"])
+        if missing:
+            pending.setdefault(missing, []).append((i, it, record))
+    for missing, group in pending.items():
+        for k in range(0, len(group), batch_size):
+            chunk = group[k: k + batch_size]
+            images = [Image.open(out / r["image"]).convert("RGB") for _, _, r in chunk]
+            prompts = [it["prompt"] for _, it, _ in chunk]
+            meta = [{"target_text": it["target_text"], "language": it["language"]} for _, it, _ in chunk]
+            raw, details = ensemble.components(images, prompts, meta, only=missing)
+            for j, (i, _, record) in enumerate(chunk):
+                record["scores"].update({n: float(raw[n][j]) for n in missing})
+                if "ocr" in details[j]:  # one OCR read gave every text metric
+                    record["ocr"] = details[j]["ocr"]
+                    record.update({f: details[j]["ocr"][f] for f in OCR_FIELDS})
+                _atomic_json(record, out / "records" / f"{i:06d}.json")
+
+    for i in range(len(items)):
+        record = _load_record(out / "records" / f"{i:06d}.json", fps[i])
+        if record is None or any(n not in record["scores"] for n in names):
+            return None  # other ranks still working; the last one to finish writes the report
+    return write_report(out, fps, ensemble)
 
 
-def aggregate(records: list[dict]) -> dict:
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
+def _group_metrics(records: list[dict], names: list[str]) -> dict:
+    entry: dict[str, Any] = {"samples": len(records)}
+    for name in names:
+        values = [r["scores"][name] for r in records if name in r["scores"]]
+        entry[name] = sum(values) / len(values) if values else None
+    with_text = [r for r in records if r.get("ocr") and r["ocr"]["word_total"] > 0]
+    if with_text:
+        # Pooled over every target word / unit of the group, as CVTG-2K and LongText-Bench aggregate.
+        entry.update(pool_words([WordScores(r["ocr"]["word_total"], r["ocr"]["word_correct"], r["ocr"]["word_ned"]) for r in with_text]))
+        units = sum(r["ocr"]["text_total"] for r in with_text)
+        entry["text_accuracy"] = sum(r["ocr"]["text_matched"] for r in with_text) / units if units else None
+        entry["text_units"] = units
+        entry["ocr_reward"] = sum(r["ocr"]["reward"] for r in with_text) / len(with_text)
+    return entry
 
+
+def aggregate(records: list[dict], names: list[str] | None = None) -> dict:
+    names = names if names is not None else (list(records[0]["scores"]) if records else [])
     agg: dict[str, Any] = {"samples": len(records)}
     for lang in ("all", "en", "zh"):
         subset = [r for r in records if lang == "all" or r["language"] == lang]
-        if not subset:
-            continue
-        entry = {"samples": len(subset)}
-        if any("word_accuracy" in r for r in subset):
-            entry["word_accuracy"] = mean([r.get("word_accuracy") for r in subset])
-            entry["ned"] = mean([r.get("ned") for r in subset])
-        for name in subset[0]["scores"]:
-            entry[name] = mean([r["scores"][name] for r in subset])
-        agg[lang] = entry
+        if subset:
+            agg[lang] = _group_metrics(subset, names)
+    regions = sorted({r["regions"] for r in records if r.get("benchmark") == "cvtg" and r.get("regions")})
+    if regions:  # CVTG-2K's breakdown by the number of text regions in the prompt
+        agg["cvtg_by_regions"] = {str(n): _group_metrics([r for r in records if r.get("regions") == n], names) for n in regions}
     return agg
 
 
@@ -107,18 +176,25 @@ def _img_b64(path: Path) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write_report(out: Path, n: int) -> dict:
-    records = [json.loads((out / "records" / f"{i:06d}.json").read_text(encoding="utf-8")) for i in range(n)]
-    report = {"aggregate": aggregate(records), "samples": records}
+def write_report(out: Path, fps: list[str], ensemble: ScorerEnsemble) -> dict:
+    names = list(ensemble.scorers)
+    records = [_load_record(out / "records" / f"{i:06d}.json", fp) for i, fp in enumerate(fps)]
+    if names and records:
+        total = ensemble.combine({n: torch.tensor([r["scores"][n] for r in records]) for n in names})
+        for r, t in zip(records, total.tolist()):
+            r["scores"]["ensemble"] = t
+    report = {"aggregate": aggregate(records, names + (["ensemble"] if len(names) > 1 else [])),
+              "weights": ensemble.weights, "samples": records}
     _atomic_json(report, out / "metrics.json")
     rows = []
     for r in records:
         scores = ", ".join(f"{k}={v:.3f}" for k, v in r["scores"].items())
-        extra = f"word acc {r['word_accuracy']:.2f}, NED {r['ned']:.2f}" if "word_accuracy" in r else ""
+        extra = (f"word acc {r['word_accuracy']:.2f}, NED {r['ned']:.2f}, text acc {r['text_accuracy']:.2f}"
+                 if r.get("ocr") and r["ocr"]["word_total"] > 0 else "")
         rows.append(
             f"<tr><td><img src='data:image/png;base64,{_img_b64(out / r['image'])}' width=256></td>"
-            f"<td>{html.escape(r['prompt'])}</td><td>{html.escape(r['target_text'])}</td>"
-            f"<td>{html.escape(r['ocr_text'])}</td><td>{html.escape(scores)}<br>{extra}</td></tr>"
+            f"<td>{html.escape(r['prompt'])}</td><td>{html.escape(r['target_text'] or '')}</td>"
+            f"<td>{html.escape(r.get('ocr_text', ''))}</td><td>{html.escape(scores)}<br>{extra}</td></tr>"
         )
     agg = html.escape(json.dumps(report["aggregate"], indent=1, ensure_ascii=False))
     page = (
@@ -133,25 +209,50 @@ def write_report(out: Path, n: int) -> dict:
     return report
 
 
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[f"{prefix}{k}"] = float(v)
+    return flat
+
+
 def log_to_tensorboard(aggregate_metrics: dict, log_dir: str, step: int = 0) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir)
-    for lang, entry in aggregate_metrics.items():
-        if isinstance(entry, dict):
-            for k, v in entry.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    writer.add_scalar(f"eval/{lang}/{k}", v, step)
+    for k, v in flatten(aggregate_metrics, "eval/").items():
+        writer.add_scalar(k, v, step)
     writer.close()
+
+
+def build_ensemble(spec: str, clip_model: str | None, scorer_kwargs: str) -> ScorerEnsemble:
+    try:
+        kwargs = json.loads(scorer_kwargs)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--scorer-kwargs is not valid JSON ({err.msg}); e.g. '{{\"aesthetic\": {{\"head_path\": \"head.pt\"}}}}'") from None
+    weights = parse_weights(spec, "--scorers")
+    for name in weights:
+        if clip_model and name in ("clip", "pickscore", "hps", "aesthetic"):
+            kwargs.setdefault(name, {}).setdefault("model_path", clip_model)
+    option = flag_options({"model_path": "--clip-model"}, json_option("--scorer-kwargs"))
+    return ScorerEnsemble.from_weights(weights, kwargs, "none", option)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lit-ovis eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a .ckpt file, a sharded checkpoint directory or an exported diffusers folder")
-    p.add_argument("prompts", help="JSONL (prompt, language, target_text), CVTG-2K / LongText-Bench JSON, GenEval metadata, or .txt")
+    p.add_argument("prompts", help="JSONL (prompt, language, target_text), a CVTG-2K file or root folder, "
+                                   "LongText-Bench JSONL, GenEval metadata, or .txt")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--scorers", default="ocr", help="comma-separated scorer names (ocr, clip, pickscore, hps, brightness, ...)")
-    p.add_argument("--clip-model", default=None, help="local CLIP folder for clip/pickscore/hps scorers")
+    p.add_argument("--scorers", default="ocr", help="comma-separated scorer names with optional weights for the "
+                                                    "'ensemble' column, e.g. ocr,clip or ocr=1,clip=0.5")
+    p.add_argument("--clip-model", default=None, help="local CLIP folder for clip / pickscore / hps / aesthetic "
+                                                      "(CVTG-2K uses openai/clip-vit-large-patch14)")
+    p.add_argument("--scorer-kwargs", default="{}", help='JSON {"scorer": {...}} passed to the scorers, e.g. '
+                                                         '\'{"aesthetic": {"head_path": "sa_0_4_vit_l_14_linear.pt"}}\'')
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--height", type=int, default=None)
@@ -160,22 +261,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-sequence-length", type=int, default=None)
-    p.add_argument("--use-ema", action="store_true")
+    p.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+                   help="training checkpoints: auto = the EMA weights when the run sampled with them, else raw")
     p.add_argument("--tensorboard", default=None, help="log aggregates to this TensorBoard directory")
     args = p.parse_args(argv)
     try:
         from lit_ovis.generator import load_generator
 
         items = read_prompt_set(args.prompts, args.limit)
-        scorers = {}
-        for name in [s for s in args.scorers.split(",") if s]:
-            kwargs = {"model_path": args.clip_model} if name in ("clip", "pickscore", "hps") else {}
-            scorers[name] = build_scorer(name, **kwargs)
-        generator = load_generator(args.model, args.max_sequence_length, args.use_ema)
+        ensemble = build_ensemble(args.scorers, args.clip_model, args.scorer_kwargs)
+        if not Path(args.model).exists():
+            raise CheckpointError(f"{args.model}: not found; pass a .ckpt, a sharded checkpoint directory or an exported diffusers folder")
+        use_ema = {"auto": None, "ema": True, "raw": False}[args.weights]
+        model_id = model_identity(args.model, weights=args.weights, max_sequence_length=args.max_sequence_length)
+        generator = load_generator(args.model, args.max_sequence_length, use_ema)
         if torch.cuda.is_available():
             generator.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        report = evaluate(generator, items, args.output_dir, scorers, args.seed, args.batch_size, args.steps, args.guidance_scale,
-                          args.height, args.width, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        report = evaluate(generator, items, args.output_dir, ensemble, args.seed, args.batch_size, args.steps, args.guidance_scale,
+                          args.height, args.width, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                          model_id=model_id)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

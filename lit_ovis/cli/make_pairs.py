@@ -5,39 +5,53 @@ one candidate, generate a second with the current (SFT) model under the same pro
 both with a weighted scorer ensemble (`lit_ovis.scoring.build_scorer`), and keep the pair as
 (winner, loser) when the combined scores differ by at least `--min-margin`.
 
-Scores are normalised per scorer over the *whole* pool (both candidates of every prompt) before weighting,
-so scorers on different scales (OCR accuracy in [0, 1], CLIP similarity, ...) contribute as their weights say.
-Both candidates are VAE-encoded from their pixels (the generated one is decoded first), so the training pair
-never differs by encoder-versus-sampler latent statistics, only by content.
+Scoring is `lit_ovis.scoring.ScorerEnsemble` (the same ensemble eval and GRPO use): raw scores per scorer are
+normalised over the *whole* pool (both candidates of every prompt) before weighting, so scorers on different
+scales (OCR accuracy in [0, 1], CLIPScore, ...) contribute as their weights say. Both candidates are
+VAE-encoded from their pixels (the generated one is decoded first), so the training pair never differs by
+encoder-versus-sampler latent statistics, only by content.
+
+Streaming and resumable: records are read one at a time and grouped per resolution bucket; every
+`--batch-size` prompts of a bucket are generated, scored and saved atomically as one work shard
+(`<out>/.work/shard-<first record>.pt` + a `.json` with its ids and raw scores). A killed run skips every
+prompt with a finished shard; changed generation or scorer settings refuse to mix with the old shards. The
+final pass reads only the raw scores to choose winners, then streams the shards one at a time into the
+per-bucket LitData writers, so neither the pool nor the pairs are ever all in memory.
 
 Output (same layout as `lit-ovis prepare`, read by `data_modules.preference`): `<out>/<resolution>/<WxH>/`
 LitData datasets with items {id, caption, language, target_text, latents_w, latents_l, [prompt_embeds],
-score_w, score_l, margin, winner} (winner: "reference" or "generated") and `<out>/report.json`.
+score_w, score_l, margin, winner} (winner: "reference" or "generated"), `<out>/<resolution>/report.json` and the
+root `<out>/report.json` listing every resolution (`data_modules.layout`).
 
 Example:
   lit-ovis make-pairs --manifest pool.jsonl --output-dir data/pairs --resolution 1024 \
       --backbone-preset ovis-image-7b --checkpoint runs/sft/checkpoints/last.ckpt \
       --text-encoder AIDC-AI/Ovis-Image-7B --vae AIDC-AI/Ovis-Image-7B \
-      --scorers ocr=1.0,clip=0.5 --min-margin 0.1
+      --scorers ocr=1.0,clip=0.5 --scorer-kwargs '{"clip": {"model_path": "/models/clip-vit-large-patch14"}}' \
+      --min-margin 0.1
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
+from data_modules.layout import swap_in, update_root_report
 from lit_ovis.errors import CheckpointError, ConfigError, DataError
+from lit_ovis.scoring.ensemble import ScorerEnsemble, combine, normalise, parse_weights
 
 REPORT = "report.json"
+WORK = ".work"
 ScoreFn = Callable[[torch.Tensor, list, list], torch.Tensor]
 
 
@@ -57,7 +71,7 @@ class PairsConfig:
     seed: int = 0
     batch_size: int = 4
     scorers: str = "ocr=1.0"  # comma-separated name=weight
-    scorer_kwargs: str = "{}"  # JSON: {"name": {...}} passed to build_scorer
+    scorer_kwargs: str = "{}"  # JSON: {"name": {...}} passed to build_scorer, e.g. {"clip": {"model_path": "..."}}
     normalise: str = "zscore"  # "zscore" | "minmax" | "rank" | "none" (per scorer, over the whole pool)
     min_margin: float = 0.1  # in combined (normalised, weighted) score units
     store_prompt_embeds: bool = False
@@ -65,40 +79,19 @@ class PairsConfig:
     device: str = "auto"
 
 
-def parse_weights(spec: str) -> dict[str, float]:
-    """'ocr=1,clip=0.5' -> {'ocr': 1.0, 'clip': 0.5}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition("=")
-        try:
-            out[name.strip()] = float(w) if w else 1.0
-        except ValueError:
-            raise ConfigError(f"--scorers: bad weight in '{part}'; use name=weight, e.g. ocr=1.0,clip=0.5") from None
-    if not out:
-        raise ConfigError("--scorers is empty; name at least one scorer, e.g. --scorers ocr=1.0")
-    return out
+# Settings that change what a finished shard holds: a resumed run must match them.
+SHARD_FIELDS = ("resolution", "min_aspect", "max_aspect", "backbone_preset", "checkpoint", "text_encoder", "vae",
+                "max_sequence_length", "steps", "guidance_scale", "seed", "scorer_kwargs", "store_prompt_embeds", "storage_dtype")
 
 
 def normalise_scores(x: torch.Tensor, method: str) -> torch.Tensor:
-    """Per-scorer normalisation over the whole pool: `lit_ovis.scoring.normalise` modes (none, zscore, minmax)
-    or `rank` (rank in [0, 1]; robust to a scorer's outliers)."""
-    x = x.float()
-    if method == "rank":
-        ranks = torch.empty_like(x)
-        ranks[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
-        return ranks / max(len(x) - 1, 1)
-    from lit_ovis.scoring import normalise
-
+    """Per-scorer normalisation over the whole pool (`lit_ovis.scoring.normalise`: none, zscore, minmax, rank)."""
     return normalise(x, method)
 
 
 def combine_scores(raw: dict[str, torch.Tensor], weights: dict[str, float], method: str) -> torch.Tensor:
-    """Weighted sum of per-scorer normalised scores -> [N]."""
-    total = None
-    for name, w in weights.items():
-        part = w * normalise_scores(raw[name], method)
-        total = part if total is None else total + part
-    return total
+    """Weighted sum of per-scorer normalised scores -> [N] (the ensemble's `combine` over the pool)."""
+    return combine(raw, weights, method)
 
 
 def select_pairs(score_ref: torch.Tensor, score_gen: torch.Tensor, min_margin: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,179 +118,239 @@ def load_models(cfg: PairsConfig, device: torch.device):
     return backbone, text_encoder, vae
 
 
-def build_scorers(cfg: PairsConfig) -> dict[str, ScoreFn]:
-    from lit_ovis.scoring import build_scorer
+def build_ensemble(cfg: PairsConfig, scorers: dict[str, ScoreFn] | None = None) -> ScorerEnsemble:
+    """The scorer ensemble of `--scorers` (name=weight) with `--scorer-kwargs`; `scorers` given by a caller
+    (tests, notebooks) stand in for the registry and must cover every name."""
+    from lit_ovis.scoring import json_option
 
+    weights = parse_weights(cfg.scorers)
+    if cfg.normalise not in ("none", "zscore", "minmax", "rank"):
+        raise ConfigError(f"--normalise must be none, zscore, minmax or rank, got '{cfg.normalise}'")
+    if scorers is not None:
+        missing = set(weights) - set(scorers)
+        if missing:
+            raise ConfigError(f"--scorers names {sorted(missing)} but no such scorer was given")
+        return ScorerEnsemble({n: scorers[n] for n in weights}, weights, cfg.normalise)
     try:
         kwargs = json.loads(cfg.scorer_kwargs)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"--scorer-kwargs is not valid JSON ({err.msg}); e.g. '{{\"clip\": {{\"model\": \"...\"}}}}'") from None
-    return {name: build_scorer(name, **kwargs.get(name, {})).score for name in parse_weights(cfg.scorers)}
+        raise ConfigError(f"--scorer-kwargs is not valid JSON ({err.msg}); e.g. '{{\"clip\": {{\"model_path\": \"/models/clip\"}}}}'") from None
+    return ScorerEnsemble.from_weights(weights, kwargs, cfg.normalise, option=json_option("--scorer-kwargs"))
 
 
-def load_pool(records, cfg: PairsConfig) -> list[dict]:
-    """Reference images cropped to their buckets, as uint8 arrays, with caption / language / target text."""
-    from data_modules.buckets import assign_bucket, make_buckets, resize_to_bucket
-    from data_modules.records import Skip, check_caption, load_image
+def _load_item(rec, cfg: PairsConfig, buckets, engine_box: list):
+    """A reference image cropped to its bucket (uint8 array) with caption / language / target text."""
+    from data_modules.buckets import assign_bucket, resize_to_bucket
+    from data_modules.records import check_caption, load_image
 
-    buckets = make_buckets(cfg.resolution, cfg.min_aspect, cfg.max_aspect)
-    engine = None
-    pool, skipped = [], 0
-    for rec in records:
-        try:
-            if rec.synthetic_index is not None:
-                if engine is None:
-                    from data_modules.synthetic.engine import TextRenderingEngine
+    if rec.synthetic_index is not None:
+        if not engine_box:
+            from data_modules.synthetic.engine import TextRenderingEngine
 
-                    engine = TextRenderingEngine(seed=cfg.seed, base_size=cfg.resolution)
-                r = engine.render(rec.synthetic_index)
-                image, caption, language, target = r.image, r.caption, r.language, r.text
-            else:
-                image = load_image(rec.path)
-                caption, language, target = rec.caption, rec.language, rec.target_text
-            caption = check_caption(caption, 2000)
-        except (Skip, DataError):
-            skipped += 1
-            continue
-        bucket = assign_bucket(image.width, image.height, buckets)
-        arr = np.asarray(resize_to_bucket(image.convert("RGB"), bucket), dtype=np.uint8)
-        pool.append({"id": rec.id, "caption": caption, "language": language, "target_text": target,
-                     "bucket": bucket, "pixels": arr})
-    if not pool:
-        raise DataError(f"no usable prompts/images in the pool ({skipped} skipped); check the manifest or folder")
-    return pool
+            engine_box.append(TextRenderingEngine(seed=cfg.seed, base_size=cfg.resolution))
+        r = engine_box[0].render(rec.synthetic_index)
+        image, caption, language, target = r.image, r.caption, r.language, r.text
+    else:
+        image = load_image(rec.path)
+        caption, language, target = rec.caption, rec.language, rec.target_text
+    caption = check_caption(caption, 2000)
+    bucket = assign_bucket(image.width, image.height, buckets)
+    return {"id": rec.id, "caption": caption, "language": language, "target_text": target, "bucket": bucket,
+            "pixels": np.asarray(resize_to_bucket(image.convert("RGB"), bucket), dtype=np.uint8)}
+
+
+def _key(index: int, rec_id: str) -> str:
+    return f"{index}:{rec_id}"
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _open_work(out: Path, cfg: PairsConfig, names: list[str]) -> tuple[Path, dict[str, dict]]:
+    """The work folder of this output and the sidecars of its finished shards (refusing foreign settings)."""
+    work = out / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {**{k: getattr(cfg, k) for k in SHARD_FIELDS}, "scorer_names": sorted(names)}
+    cfg_path = work / "settings.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        if changed:
+            raise ConfigError(f"{out}: holds an unfinished make-pairs run with other settings ({', '.join(changed)}); "
+                              f"rerun with those settings, use another --output-dir, or delete {work}")
+    else:
+        _atomic_write(cfg_path, json.dumps(settings, indent=1))
+    shards = {}
+    for side in sorted(work.glob("shard-*.json")):
+        if side.with_suffix(".pt").exists():
+            shards[side.stem] = json.loads(side.read_text(encoding="utf-8"))
+    return work, shards
+
+
+@torch.no_grad()
+def _process_chunk(chunk: list[tuple[int, dict]], cfg: PairsConfig, ensemble: ScorerEnsemble, models, sampling, work: Path) -> None:
+    """Generate, score and VAE-encode one bucket batch; save it as an atomic work shard."""
+    from lit_ovis.sampling.generate import generate_images
+
+    backbone, text_encoder, vae = models
+    vae_param = next(vae.parameters())
+    storage = getattr(torch, cfg.storage_dtype)
+    items = [it for _, it in chunk]
+    bw, bh = items[0]["bucket"]
+    prompts = [it["caption"] for it in items]
+    meta = [{"target_text": it["target_text"], "language": it["language"]} for it in items]
+    ref_images = torch.from_numpy(np.stack([it["pixels"] for it in items])).permute(0, 3, 1, 2).float() / 255.0
+    seeds = [cfg.seed * 1_000_003 + i for i, _ in chunk]  # per-record seed: independent of batching and resumes
+    gen_images = generate_images(backbone, text_encoder, vae, prompts, sampling, seed=seeds, height=bh, width=bw).float().cpu()
+    both = torch.cat([ref_images, gen_images])
+    raw, _ = ensemble.components(both, prompts + prompts, meta + meta)
+    latents = vae.encode((both * 2 - 1).to(vae_param.device, vae_param.dtype)).to("cpu", storage)
+    embeds = text_encoder.encode(prompts).float().cpu() if cfg.store_prompt_embeds else None
+    n = len(items)
+    rows = []
+    for k, it in enumerate(items):
+        row = {key: it[key] for key in ("id", "caption", "language", "target_text")}
+        row.update(latents_ref=latents[k].clone(), latents_gen=latents[n + k].clone())
+        if embeds is not None:
+            e = embeds[k]
+            nz = (e.abs().sum(-1) > 0).nonzero()
+            row["prompt_embeds"] = e[: int(nz.max()) + 1 if len(nz) else 0].to(storage).clone()  # valid prefix only
+        rows.append(row)
+    name = f"shard-{chunk[0][0]:09d}"
+    buf = io.BytesIO()
+    torch.save(rows, buf)
+    _atomic_write(work / f"{name}.pt", buf.getvalue())
+    side = {"keys": [_key(i, it["id"]) for i, it in chunk], "bucket": [bw, bh],
+            "ref": {s: raw[s][:n].tolist() for s in raw}, "gen": {s: raw[s][n:].tolist() for s in raw}}
+    _atomic_write(work / f"{name}.json", json.dumps(side))  # written last: the shard counts as finished
 
 
 @torch.no_grad()
 def make_pairs(
-    records,
+    records: Iterable,
     cfg: PairsConfig,
     scorers: dict[str, ScoreFn] | None = None,
     models: tuple | None = None,
     progress: bool = True,
 ) -> dict:
     """Generate, score and write preference pairs. `scorers` / `models` (backbone, text_encoder, vae) may be
-    given directly (tests, notebooks); otherwise they are built from `cfg`."""
-    from data_modules.buckets import bucket_name
-    from lit_ovis.sampling.generate import SamplingConfig, generate_images
+    given directly (tests, notebooks); otherwise they are built from `cfg`. `records` is consumed lazily."""
+    from data_modules.buckets import make_buckets
+    from data_modules.records import Skip
+    from lit_ovis.sampling.generate import SamplingConfig
 
-    weights = parse_weights(cfg.scorers)
-    device = _device(cfg.device)
-    backbone, text_encoder, vae = models if models is not None else load_models(cfg, device)
-    scorers = scorers if scorers is not None else build_scorers(cfg)
-    missing = set(weights) - set(scorers)
-    if missing:
-        raise ConfigError(f"--scorers names {sorted(missing)} but no such scorer was built")
-    sampling = SamplingConfig(steps=cfg.steps, guidance_scale=cfg.guidance_scale)
-    storage = getattr(torch, cfg.storage_dtype)
-    vae_param = next(vae.parameters())
-
-    pool = load_pool(records, cfg)
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for i, item in enumerate(pool):
-        by_bucket.setdefault(item["bucket"], []).append(i)
-
-    raw_ref: dict[str, list[torch.Tensor]] = {n: [] for n in weights}
-    raw_gen: dict[str, list[torch.Tensor]] = {n: [] for n in weights}
-    order: list[int] = []
-    done = 0
-    for (bw, bh), idx in sorted(by_bucket.items()):
-        for start in range(0, len(idx), cfg.batch_size):
-            chunk = idx[start: start + cfg.batch_size]
-            items = [pool[i] for i in chunk]
-            prompts = [it["caption"] for it in items]
-            meta = [{"target_text": it["target_text"], "language": it["language"]} for it in items]
-            ref_images = torch.from_numpy(np.stack([it["pixels"] for it in items])).permute(0, 3, 1, 2).float() / 255.0
-            seeds = [cfg.seed * 1_000_003 + i for i in chunk]  # per-prompt seed: independent of batching
-            gen_images = generate_images(backbone, text_encoder, vae, prompts, sampling, seed=seeds, height=bh, width=bw).float().cpu()
-            both = torch.cat([ref_images, gen_images])
-            for name in weights:
-                s = torch.as_tensor(scorers[name](both, prompts + prompts, meta + meta), dtype=torch.float32).reshape(-1).cpu()
-                raw_ref[name].append(s[: len(items)])
-                raw_gen[name].append(s[len(items):])
-            latents = vae.encode((both * 2 - 1).to(vae_param.device, vae_param.dtype)).to("cpu", storage)
-            embeds = text_encoder.encode(prompts).float().cpu() if cfg.store_prompt_embeds else None
-            for k, (i, it) in enumerate(zip(chunk, items)):
-                it["latents_ref"], it["latents_gen"] = latents[k], latents[len(items) + k]
-                if embeds is not None:
-                    e = embeds[k]
-                    nz = (e.abs().sum(-1) > 0).nonzero()
-                    it["prompt_embeds"] = e[: int(nz.max()) + 1 if len(nz) else 0].to(storage)  # valid prefix only
-                del it["pixels"]
-            order.extend(chunk)
-            done += len(items)
-            if progress:
-                print(f"make-pairs: {done}/{len(pool)}", file=sys.stderr)
-
-    ref_raw = {n: torch.cat(v) for n, v in raw_ref.items()}
-    gen_raw = {n: torch.cat(v) for n, v in raw_gen.items()}
-    n = len(order)
-    combined = combine_scores({k: torch.cat([ref_raw[k], gen_raw[k]]) for k in weights}, weights, cfg.normalise)
-    score_ref, score_gen = combined[:n], combined[n:]
-    keep, ref_wins = select_pairs(score_ref, score_gen, cfg.min_margin)
-
-    pairs = []
-    for j, i in enumerate(order):
-        if not keep[j]:
-            continue
-        it = pool[i]
-        rw = bool(ref_wins[j])
-        pair = {
-            "id": it["id"], "caption": it["caption"], "language": it["language"], "target_text": it["target_text"],
-            "latents_w": it["latents_ref"] if rw else it["latents_gen"],
-            "latents_l": it["latents_gen"] if rw else it["latents_ref"],
-            "score_w": float(max(score_ref[j], score_gen[j])), "score_l": float(min(score_ref[j], score_gen[j])),
-            "margin": float((score_ref[j] - score_gen[j]).abs()), "winner": "reference" if rw else "generated",
-            "bucket": it["bucket"],
-        }
-        if "prompt_embeds" in it:
-            pair["prompt_embeds"] = it["prompt_embeds"]
-        pairs.append(pair)
-
-    sizes = write_pairs(Path(cfg.output_dir), pairs, cfg.resolution, bucket_name)
-    report = {
-        "prompts": len(pool),
-        "pairs": len(pairs),
-        "dropped_small_margin": int((~keep).sum()),
-        "reference_wins": int(sum(p["winner"] == "reference" for p in pairs)),
-        "generated_wins": int(sum(p["winner"] == "generated" for p in pairs)),
-        "buckets": sizes,
-        "resolution": cfg.resolution,
-        "has_prompt_embeds": bool(cfg.store_prompt_embeds),
-        "scorers": {name: {"weight": weights[name],
-                           "reference_mean": float(ref_raw[name].mean()), "generated_mean": float(gen_raw[name].mean())}
-                    for name in weights},
-        "config": asdict(cfg),
-    }
+    ensemble = build_ensemble(cfg, scorers)
+    names = list(ensemble.scorers)
     out = Path(cfg.output_dir)
-    tmp = out / f".{REPORT}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out / REPORT)
+    work, shards = _open_work(out, cfg, names)
+    done = {k for side in shards.values() for k in side["keys"]}
+    resumed = len(done)
+    sampling = SamplingConfig(steps=cfg.steps, guidance_scale=cfg.guidance_scale)
+    buckets = make_buckets(cfg.resolution, cfg.min_aspect, cfg.max_aspect)
+    engine_box: list = []
+    queues: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    skipped = new = 0
+
+    def flush(bucket) -> None:
+        nonlocal models, new
+        chunk = queues.pop(bucket)
+        if models is None:  # loaded only when there is work left
+            models = load_models(cfg, _device(cfg.device))
+        _process_chunk(chunk, cfg, ensemble, models, sampling, work)
+        new += len(chunk)
+        if progress:
+            print(f"make-pairs: {resumed + new} prompts done ({resumed} from an earlier run), {skipped} skipped", file=sys.stderr)
+
+    for index, rec in enumerate(records):
+        if _key(index, rec.id) in done:
+            continue
+        try:
+            item = _load_item(rec, cfg, buckets, engine_box)
+        except (Skip, DataError):
+            skipped += 1
+            continue
+        queues.setdefault(item["bucket"], []).append((index, item))
+        if len(queues[item["bucket"]]) >= cfg.batch_size:
+            flush(item["bucket"])
+    for bucket in sorted(queues):
+        flush(bucket)
+
+    _, shards = _open_work(out, cfg, names)
+    if not shards:
+        raise DataError(f"no usable prompts/images in the pool ({skipped} skipped); check the manifest or folder")
+    report = _finish(out, work, shards, ensemble, cfg, skipped, resumed)
+    shutil.rmtree(work, ignore_errors=True)
     return report
 
 
-def write_pairs(out: Path, pairs: list[dict], resolution: int, bucket_name) -> dict[str, int]:
-    """One LitData dataset per bucket under <out>/<resolution>/<WxH>/, swapped in atomically."""
+def _finish(out: Path, work: Path, shards: dict[str, dict], ensemble: ScorerEnsemble, cfg: PairsConfig, skipped: int, resumed: int) -> dict:
+    """Choose winners from the pool-normalised scores, then stream the shards into per-bucket LitData datasets."""
+    from data_modules.buckets import bucket_name
     from litdata.streaming.writer import BinaryWriter
 
-    out.mkdir(parents=True, exist_ok=True)
-    groups: dict[str, list[dict]] = {}
-    for p in pairs:
-        groups.setdefault(bucket_name(p["bucket"]), []).append(p)
-    root, tmp_root = out / str(resolution), out / f".{resolution}.tmp"
+    order = sorted(shards)
+    ref = {s: torch.tensor([v for n in order for v in shards[n]["ref"][s]]) for s in ensemble.weights}
+    gen = {s: torch.tensor([v for n in order for v in shards[n]["gen"][s]]) for s in ensemble.weights}
+    total = len(next(iter(ref.values())))
+    combined = ensemble.combine({s: torch.cat([ref[s], gen[s]]) for s in ensemble.weights})
+    score_ref, score_gen = combined[:total], combined[total:]
+    keep, ref_wins = select_pairs(score_ref, score_gen, cfg.min_margin)
+
+    root, tmp_root = out / str(cfg.resolution), out / f".{cfg.resolution}.tmp"
     shutil.rmtree(tmp_root, ignore_errors=True)
-    sizes = {}
-    for name, group in sorted(groups.items()):
-        writer = BinaryWriter(str(tmp_root / name), chunk_bytes="64MB")
-        for i, p in enumerate(group):
-            writer[i] = {k: v for k, v in p.items() if k != "bucket"}
+    writers: dict[str, BinaryWriter] = {}
+    sizes: dict[str, int] = {}
+    wins = {"reference": 0, "generated": 0}
+    j = 0
+    for name in order:
+        bucket = bucket_name(tuple(shards[name]["bucket"]))
+        for row in torch.load(work / f"{name}.pt", weights_only=True):
+            if keep[j]:
+                rw = bool(ref_wins[j])
+                pair = {key: row[key] for key in ("id", "caption", "language", "target_text")}
+                pair.update(latents_w=row["latents_ref"] if rw else row["latents_gen"],
+                            latents_l=row["latents_gen"] if rw else row["latents_ref"],
+                            score_w=float(max(score_ref[j], score_gen[j])), score_l=float(min(score_ref[j], score_gen[j])),
+                            margin=float((score_ref[j] - score_gen[j]).abs()), winner="reference" if rw else "generated")
+                if "prompt_embeds" in row:
+                    pair["prompt_embeds"] = row["prompt_embeds"]
+                if bucket not in writers:
+                    writers[bucket] = BinaryWriter(str(tmp_root / bucket), chunk_bytes="64MB")
+                    sizes[bucket] = 0
+                writers[bucket][sizes[bucket]] = pair
+                sizes[bucket] += 1
+                wins[pair["winner"]] += 1
+            j += 1
+    for writer in writers.values():
         writer.done()
         writer.merge()
-        sizes[name] = len(group)
-    shutil.rmtree(root, ignore_errors=True)
-    if tmp_root.exists():
-        os.replace(tmp_root, root)
-    return sizes
+    report = {
+        "prompts": total,
+        "inputs": total,
+        "kept": int(keep.sum()),
+        "pairs": int(keep.sum()),
+        "dropped_small_margin": int((~keep).sum()),
+        "reference_wins": wins["reference"],
+        "generated_wins": wins["generated"],
+        "skipped": skipped,
+        "resumed_prompts": resumed,
+        "buckets": dict(sorted(sizes.items())),
+        "resolution": cfg.resolution,
+        "has_prompt_embeds": bool(cfg.store_prompt_embeds),
+        "scorers": {s: {"weight": ensemble.weights[s], "reference_mean": float(ref[s].mean()), "generated_mean": float(gen[s].mean())}
+                    for s in ensemble.weights},
+        "config": asdict(cfg),
+    }
+    # Same layout as `prepare` (data_modules.layout): this resolution's report travels inside its dataset
+    # swap, and the root report lists every resolution, so several pair resolutions can share one root.
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    _atomic_write(tmp_root / REPORT, json.dumps(report, indent=2, ensure_ascii=False))
+    swap_in(tmp_root, root)
+    update_root_report(out)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

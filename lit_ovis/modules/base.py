@@ -83,8 +83,28 @@ class OvisBaseModule(L.LightningModule):
         parallelize_module(self, mesh, self.parallel)
         if lazy:
             self.materialize_sharded_backbones()
+        if getattr(self, "reference", None) is not None:
+            self.match_policy_code_path()
         if self.ema_cfg.enabled:
             self.ema = EMA(self.backbone, self.ema_cfg.decay)
+
+    def match_policy_code_path(self) -> None:
+        """Give the frozen reference model (DPO, GRPO's KL) the policy's attention kernels and compiled blocks,
+        read from the policy as `parallelize_module` left it (whatever it decided, e.g. no compile under FSDP1,
+        holds for both), so policy == reference gives identical outputs.
+        `nn.Module.compile` compiles `_call_impl` with its hooks, so compiling after FSDP2 sharding traces the
+        same hook-wrapped forward as the policy's compile-then-shard order. Activation checkpointing and
+        offloading are left out: they only act in a backward pass, which the reference never runs."""
+        from lit_ovis.parallel.fsdp import apply_compile, blocks_of
+
+        ref, pol = self.reference, self.backbone
+        pol_attn = {n: m.processor for n, m in pol.named_modules() if getattr(m, "processor", None) is not None}
+        for name, m in ref.named_modules():
+            if name in pol_attn and hasattr(pol_attn[name], "_attention_backend") and hasattr(m.processor, "_attention_backend"):
+                m.processor._attention_backend = pol_attn[name]._attention_backend
+        compiled = [getattr(b, "_compiled_call_impl", None) is not None for b in blocks_of(pol)]
+        if all(compiled) and not any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks_of(ref)):
+            apply_compile(ref)
 
     def supports_sharded_init(self) -> bool:
         """Whether every meta module left by `build_frozen` is a copy of the pretrained backbone (stages that

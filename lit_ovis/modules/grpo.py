@@ -170,7 +170,8 @@ class GRPOModule(OvisBaseModule):
         self.grpo = grpo
         self.lora_cfg = lora
         self.automatic_optimization = False
-        self.reward_fns: dict[str, Callable] | None = None  # built lazily from grpo.rewards
+        self.reward_fns: dict[str, Callable] | None = None  # a caller's reward functions instead of grpo.rewards
+        self._reward_ensemble = None  # built on first use (scorers may load models)
         self.tracker = GroupStatTracker(grpo.stat_buffer_size, grpo.stat_min_count, grpo.adv_eps) if grpo.per_prompt_stats else None
         self.step_scores: torch.Tensor | None = None
         self._rng = random.Random(grpo.seed)
@@ -247,16 +248,17 @@ class GRPOModule(OvisBaseModule):
                 self.backbone.enable_adapters()
         return velocity(self.reference, x, sigma, embeds, txt, img, negative, guidance_scale=g)
 
-    def build_rewards(self) -> dict[str, Callable]:
-        if self.reward_fns is None:
-            from lit_ovis.scoring import build_scorer
+    def build_rewards(self):
+        """The weighted reward ensemble (`lit_ovis.scoring.ScorerEnsemble`): `grpo.rewards` {name: weight} from the
+        scorer registry with `grpo.reward_kwargs`, or the caller's `reward_fns` {name: fn}."""
+        if self._reward_ensemble is None:
+            from lit_ovis.scoring import ScorerEnsemble, json_option
 
-            fns = {}
-            for name in self.grpo.rewards:
-                scorer = build_scorer(name, **self.grpo.reward_kwargs.get(name, {}))
-                fns[name] = scorer.score
-            self.reward_fns = fns
-        return self.reward_fns
+            self._reward_ensemble = ScorerEnsemble.from_weights(
+                self.grpo.rewards, self.grpo.reward_kwargs, "none", option=json_option("--model.grpo.reward_kwargs"),
+                scorers=self.reward_fns,
+            )
+        return self._reward_ensemble
 
     # ------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -303,14 +305,8 @@ class GRPOModule(OvisBaseModule):
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
         """Weighted reward ensemble [N] and each scorer's raw scores."""
-        fns = self.build_rewards()
-        weights = self.grpo.rewards if self.grpo.rewards and set(self.grpo.rewards) == set(fns) else {k: 1.0 for k in fns}
-        per, total = {}, torch.zeros(images.shape[0], device=self.device)
-        for name, fn in fns.items():
-            r = torch.as_tensor(fn(images, prompts, metadata), dtype=torch.float32).to(self.device).reshape(-1)
-            per[name] = r
-            total = total + float(weights[name]) * r
-        return total, per
+        total, per = self.build_rewards()(images, prompts, metadata)
+        return total.to(self.device), {k: v.to(self.device) for k, v in per.items()}
 
     # ------------------------------------------------------------------------------------ window
     def choose_window(self, traj: Trajectory, adv: torch.Tensor, keys: torch.Tensor) -> tuple[int, int]:

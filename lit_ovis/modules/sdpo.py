@@ -5,7 +5,12 @@ checkpoint given as `backbone.pretrained` (a lit-ovis `.ckpt`, `.safetensors` or
 `dpo.reference_pretrained` to load the reference from a different file. The reference is a deep copy of the
 backbone built before any parallelism: it lives in `self._frozen` (outside the module tree), so it is never in
 the optimizer or a checkpoint, stays in eval mode with requires_grad False, and `parallelize_module` shards it
-on the same mesh as the policy. On resume the reference is rebuilt from the same SFT weights.
+on the same mesh and mixed-precision policy as the policy. It also runs the policy's code path: after
+`parallelize_module`, `OvisBaseModule.match_policy_code_path` copies the policy's attention backend to it and
+compiles its blocks when the policy's are compiled, so that policy == reference gives identical errors -- with beta in the
+thousands, a kernel-level difference between the two would otherwise be a constant bias in every implicit
+reward. On resume the reference is
+rebuilt from the same SFT weights.
 
 One training step (the math lives in `lit_ovis.losses.dpo`):
   shared noise and timestep per pair -> x_t for winner and loser -> policy velocities for both in one batched
@@ -44,6 +49,7 @@ class DPOConfig:
     mu: float = 1.0  # "report": strength of the loser branch; "paper": safety margin in [0, 1]
     lambda_min: float = 0.0
     lambda_max: float = 1.0
+    safety_margin: float = 0.0  # clip so lambda <g_w,g_l> <= (1 - margin) |g_w|^2 (both rules); see losses/dpo.py
     eps: float = 1e-12
     timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal" (as in SFT)
     logit_mean: float = 0.0
@@ -80,6 +86,8 @@ class SDPOModule(OvisBaseModule):
             raise ConfigError(f"--model.dpo.mu must be in [0, 1] with safeguard_rule 'paper' (a safety margin), got {cfg.mu}")
         if cfg.mu < 0:
             raise ConfigError(f"--model.dpo.mu must be >= 0, got {cfg.mu}")
+        if not 0.0 <= cfg.safety_margin <= 1.0:
+            raise ConfigError(f"--model.dpo.safety_margin must be in [0, 1], got {cfg.safety_margin}")
         if not 0.0 <= cfg.lambda_min <= cfg.lambda_max:
             raise ConfigError(f"--model.dpo.lambda_min/lambda_max need 0 <= min <= max, got {cfg.lambda_min}, {cfg.lambda_max}")
 
@@ -95,6 +103,15 @@ class SDPOModule(OvisBaseModule):
         ref = build_backbone(self.backbone_cfg.preset, path) if path else copy.deepcopy(self.backbone)
         ref.eval().requires_grad_(False)
         self._frozen["reference"] = ref
+
+    def train_flops_per_pair(self, latent_h: int, latent_w: int) -> int:
+        """Model FLOPs of one pair for the throughput/MFU logger: policy forward+backward on winner and loser,
+        plus the frozen reference's forwards on both."""
+        from lit_ovis.parallel.flops import dpo_train_flops
+
+        tokens = (latent_h // 2) * (latent_w // 2)
+        return dpo_train_flops(dict(self.backbone.config), tokens, self.encoders_cfg.max_sequence_length,
+                               reference=self.reference is not None)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -144,11 +161,12 @@ class SDPOModule(OvisBaseModule):
         return sdpo_loss(
             pred_w, pred_l, target_w, target_l, ref_w, ref_l, cfg.beta, weights,
             safeguard=cfg.safeguard, mu=cfg.mu, lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max,
-            eps=cfg.eps, rule=cfg.safeguard_rule,
+            eps=cfg.eps, rule=cfg.safeguard_rule, safety_margin=cfg.safety_margin,
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
-        loss, stats = self.dpo_loss(batch)
+        # Per-(seed, rank, step, micro-batch) noise: ranks differ, and a resumed run redraws the same noise.
+        loss, stats = self.dpo_loss(batch, generator=self.step_generator(batch_idx))
         b = batch["latents_w"].shape[0]
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=b)
         self.log("train/implicit_acc", stats.pop("implicit_acc"), on_step=True, prog_bar=True, batch_size=b)

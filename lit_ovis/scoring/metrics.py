@@ -1,20 +1,43 @@
-"""Text-rendering metrics as pure functions.
+"""Text-rendering metrics as pure functions, following the public evaluation scripts of the benchmarks the
+Ovis-Image report cites (definitions re-implemented here, not copied).
 
-- Word accuracy (CVTG-2K): the fraction of target words that appear in the OCR output, each OCR word
-  usable once (a word glued to its neighbour by a dropped space still counts); for Chinese
-  (LongText-Bench ZH) every character counts as a word.
-- NED: normalised edit-distance *similarity*, 1 - Levenshtein(ocr, target) / max(len(ocr), len(target)),
-  on normalised text (higher is better, as the benchmarks report it).
-- OCR reward for GRPO (Flow-GRPO): 1 - min(1, Levenshtein(ocr, target) / len(target)), in [0, 1].
+CVTG-2K (Du et al. 2025, TextCrafter; `unified_metrics_eval.py` of the TextCrafter evaluation tool):
+- target words: every single-quoted span of the prompt, lower-cased and split on whitespace (punctuation kept);
+- OCR words: every recognised line, lower-cased and split on whitespace ([""] when nothing was read);
+- a target word is *correct* when it occurs among the OCR words (membership, so a word counted once in the
+  OCR output can satisfy a repeated target word);
+- the per-word NED similarity is 1 - lev(word, best) / (max(len) + 1e-5), where `best` is the OCR word that
+  `difflib.get_close_matches(word, ocr_words, n=1, cutoff=0)` picks;
+- Word Accuracy = correct words / target words and NED = mean per-word similarity, both *pooled over every
+  target word of the set* (not averaged per image), reported overall and per region count (2-5).
+CVTG-2K is English-only; for Chinese targets we use characters as the words (as LongText-Bench ZH does).
+
+LongText-Bench (Geng et al. 2025, X-Omni; `textbench/summary_scores.py`):
+- text = the target texts joined by spaces; both sides keep only CJK, ASCII letters/digits, whitespace and
+  accented Latin letters; EN collapses whitespace and lower-cases, ZH drops everything else incl. spaces;
+- EN compares the multisets of words, ZH the multisets of characters; text accuracy = matched / target units,
+  pooled over the set (sum of matches / sum of target units).
+
+GRPO OCR reward (ours, built from the CVTG per-word similarity, in [0, 1]): the F1 of
+recall = mean over target words of their best-match similarity and precision = mean over OCR words of their
+best-match similarity to the target words. Recall alone could be gamed by rendering many extra words (every
+extra word can only raise a best match); precision charges for them.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
-import unicodedata
 from collections import Counter
+from dataclasses import dataclass, field
 
-_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
+# CVTG-2K: the text to render is quoted in single quotes inside the prompt.
+_CVTG_QUOTED = re.compile(r"'(.*?)'")
+# LongText-Bench keeps CJK unified ideographs, ASCII alphanumerics, whitespace and these accented letters.
+_ACCENTED = "àâäéèêëîïôöùûüçÀÂÄÉÈÊËÎÏÔÖÙÛÜÇ"
+_LONGTEXT_DROP = re.compile(rf"[^\u4e00-\u9fa5a-zA-Z0-9\s{_ACCENTED}]")
+_LONGTEXT_ZH_KEEP = re.compile(rf"[\u4e00-\u9fa5a-zA-Z0-9{_ACCENTED}]")
+NED_EPS = 1e-5  # CVTG-2K's denominator guard
 
 
 def is_cjk(ch: str) -> bool:
@@ -25,20 +48,9 @@ def language_of(text: str) -> str:
     return "zh" if any(is_cjk(c) for c in text) else "en"
 
 
-def normalize(text: str, language: str | None = None) -> str:
-    """NFKC (full-width -> ASCII), lower case, punctuation removed, whitespace collapsed; no spaces for ZH."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _PUNCT.sub(" ", text)
-    text = " ".join(text.split())
-    if (language or language_of(text)) == "zh":
-        text = text.replace(" ", "")
-    return text
-
-
-def tokens(text: str, language: str | None = None) -> list[str]:
-    language = language or language_of(text)
-    norm = normalize(text, language)
-    return [c for c in norm if not c.isspace()] if language == "zh" else norm.split()
+def quoted_spans(prompt: str) -> list[str]:
+    """CVTG-2K target texts: the single-quoted spans of a prompt."""
+    return _CVTG_QUOTED.findall(prompt)
 
 
 def levenshtein(a: str | list, b: str | list) -> int:
@@ -53,40 +65,102 @@ def levenshtein(a: str | list, b: str | list) -> int:
     return prev[-1]
 
 
-def ned(prediction: str, target: str, language: str | None = None) -> float:
+def similarity(a: str, b: str) -> float:
+    """CVTG-2K's normalised edit-distance similarity of two words."""
+    return 1.0 - levenshtein(a, b) / (max(len(a), len(b)) + NED_EPS)
+
+
+def longtext_normalize(text: str, language: str) -> str:
+    """LongText-Bench preprocessing of OCR output and target text."""
+    if language == "zh":
+        return "".join(_LONGTEXT_ZH_KEEP.findall(text))
+    return " ".join(_LONGTEXT_DROP.sub("", text).split()).lower()
+
+
+def word_units(text: str, language: str | None = None) -> list[str]:
+    """CVTG-2K words (EN: lower-cased whitespace split) or characters (ZH, LongText-Bench ZH normalisation)."""
+    language = language or language_of(text)
+    if language == "zh":
+        return list(longtext_normalize(text, "zh"))
+    return text.lower().split()
+
+
+def _best_match(word: str, candidates: list[str]) -> str | None:
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0)
+    return match[0] if match else None
+
+
+@dataclass
+class WordScores:
+    """CVTG-2K per-image counts; pool them over a set with `pool_words`."""
+
+    total: int = 0
+    correct: int = 0
+    ned: list[float] = field(default_factory=list)  # one similarity per target word
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 1.0
+
+    @property
+    def mean_ned(self) -> float:
+        return sum(self.ned) / len(self.ned) if self.ned else 1.0
+
+
+def word_scores(prediction: str, target: str, language: str | None = None) -> WordScores:
+    """CVTG-2K word counts for one image: `prediction` is the OCR text (lines joined by spaces), `target` the
+    text to render (several regions joined by spaces)."""
     language = language or language_of(target)
-    p, t = normalize(prediction, language), normalize(target, language)
-    if not p and not t:
-        return 1.0
-    return 1.0 - levenshtein(p, t) / max(len(p), len(t))
+    want = word_units(target, language)
+    have = word_units(prediction, language) or [""]
+    present = set(have)
+    sims = []
+    for w in want:
+        best = _best_match(w, have)
+        sims.append(similarity(w, best) if best is not None else 0.0)
+    return WordScores(total=len(want), correct=sum(w in present for w in want), ned=sims)
 
 
 def word_accuracy(prediction: str, target: str, language: str | None = None) -> float:
+    """CVTG-2K word accuracy of one image (pooled over a set by `pool_words`)."""
+    return word_scores(prediction, target, language).accuracy
+
+
+def ned(prediction: str, target: str, language: str | None = None) -> float:
+    """CVTG-2K NED (mean per-target-word similarity) of one image."""
+    return word_scores(prediction, target, language).mean_ned
+
+
+def pool_words(scores: list[WordScores]) -> dict[str, float | int]:
+    """Set-level CVTG-2K metrics: every target word of every image weighs the same."""
+    total = sum(s.total for s in scores)
+    sims = [v for s in scores for v in s.ned]
+    return {"word_accuracy": sum(s.correct for s in scores) / total if total else None,
+            "ned": sum(sims) / len(sims) if sims else None, "words": total}
+
+
+def text_match(prediction: str, target: str, language: str | None = None) -> tuple[int, int]:
+    """LongText-Bench (matched units, target units) for one image: words (EN) or characters (ZH)."""
     language = language or language_of(target)
-    want = tokens(target, language)
-    if not want:
-        return 1.0
-    have = Counter(tokens(prediction, language))
-    hits, missed = 0, []
-    for w in want:
-        if have[w] > 0:
-            have[w] -= 1
-            hits += 1
-        else:
-            missed.append(w)
-    # OCR often drops the space between adjacent words ("BANKCONCERT"): match the remaining target
-    # words inside the leftover OCR text, each character usable once.
-    leftover = "".join(w * n for w, n in have.items() if n > 0)
-    for w in missed:
-        if w in leftover:
-            leftover = leftover.replace(w, "\0", 1)
-            hits += 1
-    return hits / len(want)
+    p, t = longtext_normalize(prediction, language), longtext_normalize(target, language)
+    want = Counter(t.split() if language == "en" else t)
+    have = Counter(p.split() if language == "en" else p)
+    return sum((want & have).values()), sum(want.values())
+
+
+def text_accuracy(prediction: str, target: str, language: str | None = None) -> float:
+    matched, total = text_match(prediction, target, language)
+    return matched / total if total else 1.0
 
 
 def ocr_reward(prediction: str, target: str, language: str | None = None) -> float:
+    """GRPO reward in [0, 1]: F1 of CVTG per-word similarity recall (target side) and precision (OCR side)."""
     language = language or language_of(target)
-    p, t = normalize(prediction, language), normalize(target, language)
-    if not t:
-        return 1.0 if not p else 0.0
-    return 1.0 - min(1.0, levenshtein(p, t) / len(t))
+    want, have = word_units(target, language), word_units(prediction, language)
+    if not want:
+        return 1.0 if not have else 0.0
+    if not have:
+        return 0.0
+    recall = sum(similarity(w, _best_match(w, have)) for w in want) / len(want)
+    precision = sum(similarity(h, _best_match(h, want)) for h in have) / len(have)
+    return 0.0 if recall + precision <= 0 else 2 * recall * precision / (recall + precision)
