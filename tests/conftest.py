@@ -39,3 +39,20 @@ def tiny_pipeline(tiny_backbone, tiny_text_encoder, tiny_vae):
     from lit_ovis.sampling.generate import SamplingConfig
 
     return build_pipeline(tiny_backbone, tiny_text_encoder, tiny_vae, SamplingConfig())
+
+
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_distributed_env():
+    """An in-process Lightning run that initialises torch.distributed writes MASTER_PORT & co. into
+    os.environ; multi-process tests launched afterwards would inherit that fixed port (EADDRINUSE while the
+    old socket lingers). Each test starts and ends with the launcher variables it found."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -136,13 +136,16 @@ def test_consolidated_weights_load_in_one_process(runs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(FileSystemReader, "read_data", spy)
     out = tmp_path / "backbone.safetensors"
-    assert consolidate_main([str(runs["dir"] / "ckpt"), str(out), "--diffusers-dir", str(tmp_path / "transformer")]) == 0
+    assert consolidate_main([str(runs["dir"] / "ckpt"), str(out), "--raw", "--diffusers-dir", str(tmp_path / "transformer")]) == 0
     # only the backbone is read from the checkpoint, never the optimizer moments (2x the weights at 7B) or the EMA
     assert read and all(k.startswith("state_dict.backbone.") for k in read)
     read.clear()
     assert consolidate_main([str(runs["dir"] / "ckpt"), str(tmp_path / "ema.safetensors"), "--ema"]) == 0
     assert read and all(k.startswith(("state_dict.backbone.", "state_dict.ema.")) for k in read)
     assert _max_diff(runs["fsdp"]["ema"]["full"], build_backbone("tiny", pretrained=str(tmp_path / "ema.safetensors")).state_dict()) == 0.0
+    # by default, the weights the run sampled with: this run kept an EMA and sampled with it
+    assert consolidate_main([str(runs["dir"] / "ckpt"), str(tmp_path / "auto.safetensors")]) == 0
+    assert _max_diff(runs["fsdp"]["ema"]["full"], build_backbone("tiny", pretrained=str(tmp_path / "auto.safetensors")).state_dict()) == 0.0
     model = build_backbone("tiny", pretrained=str(out))
     state = {k: v.float() for k, v in model.state_dict().items()}
     assert _max_diff(runs["fsdp"]["state"], state) == 0.0
