@@ -63,11 +63,20 @@ def collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def default_synthetic_prompts(prompt_file: str | None, synthetic_prompts: int | None) -> int:
+    """Unset: 256 synthetic EN/ZH prompts without a prompt file, none beside one (a user's file is the
+    prompt set, e.g. for `predict`); an explicit number adds that many in both cases."""
+    if synthetic_prompts is not None:
+        return int(synthetic_prompts)
+    return 0 if prompt_file else 256
+
+
 class PromptDataModule(LatentDataModule):
-    def __init__(self, prompt_file: str | None = None, synthetic_prompts: int = 256, batch_size: int = 1, num_workers: int = 0,
+    def __init__(self, prompt_file: str | None = None, synthetic_prompts: int | None = None, batch_size: int = 1, num_workers: int = 0,
                  seed: int = 0, zh_fraction: float = 0.4, limit: int | None = None):
         super().__init__(root="", batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.prompt_file, self.n_synthetic, self.zh_fraction, self.limit = prompt_file, synthetic_prompts, zh_fraction, limit
+        self.prompt_file, self.zh_fraction, self.limit = prompt_file, zh_fraction, limit
+        self.n_synthetic = default_synthetic_prompts(prompt_file, synthetic_prompts)
 
     def prepare_data(self) -> None:
         pass

@@ -84,7 +84,11 @@ def check_model(args: Any) -> None:
 
 
 def check_data(data: Any, world: int | None) -> None:
-    synthetic = {k: int(_get(data, k, 0) or 0) for k in ("synthetic_samples", "synthetic_pairs", "synthetic_prompts")}
+    synthetic = {k: int(_get(data, k, 0) or 0) for k in ("synthetic_samples", "synthetic_pairs")}
+    if _get(data, "prompt_file") is not None or _get(data, "synthetic_prompts") is not None or _get(data, "zh_fraction") is not None:
+        from data_modules.prompts import default_synthetic_prompts  # a PromptDataModule: its default depends on prompt_file
+
+        synthetic["synthetic_prompts"] = default_synthetic_prompts(_get(data, "prompt_file"), _get(data, "synthetic_prompts"))
     builds_own = any(synthetic.values())
     for key in USER_PATHS + (() if builds_own else BUILT_PATHS):
         path = _get(data, key)

@@ -54,3 +54,16 @@ def test_predict_batches_are_in_lockstep_across_ranks(tmp_path):
         per_rank.append([b["prompts"] for b in dm.predict_dataloader()])
     assert [len(r) for r in per_rank] == [2, 2]
     assert sorted(p for r in per_rank for b in r for p in b) == [f"prompt {i}" for i in range(5)]
+
+
+def test_a_prompt_file_alone_is_the_prompt_set(tmp_path):
+    """Unset synthetic_prompts: 256 synthetic prompts without a file, none beside one; explicit numbers add."""
+    from data_modules.prompts import default_synthetic_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a sign that says OPEN", "target_text": "OPEN"}\n', encoding="utf-8")
+    items = PromptDataModule(prompt_file=str(path)).load_items()
+    assert len(items) == 1 and items[0]["prompt"] == "a sign that says OPEN" and items[0]["target_text"] == "OPEN"
+    assert len(PromptDataModule().load_items()) == 256
+    assert len(PromptDataModule(prompt_file=str(path), synthetic_prompts=3).load_items()) == 4
+    assert default_synthetic_prompts(None, 0) == 0
