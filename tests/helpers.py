@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -44,3 +46,20 @@ def tiny_flow_module(**overrides):
     module = FlowMatchingModule(**kwargs)
     module.configure_model()
     return module
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, size: str):
+    """A real, small file system at `path` that fills up (full-disk tests); skips where mounting is not allowed."""
+    import subprocess
+
+    import pytest
+
+    path.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)

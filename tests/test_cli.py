@@ -175,12 +175,9 @@ def test_diverged_run_stops_with_one_line(tmp_path, tiny_data):
 
 
 def test_full_disk_during_training_keeps_last_checkpoint_and_says_so(tmp_path, tiny_data):
-    mnt = tmp_path / "ckpt"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    try:
+    from helpers import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "ckpt", "48m") as mnt:
         # a demo checkpoint is ~35 MB: the first fits in 48 MB, the second cannot sit beside it while written
         proc = tiny_run(tmp_path, tiny_data, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                         f"--trainer.callbacks.dirpath={mnt}", "--trainer.callbacks.every_n_train_steps=1",
@@ -191,5 +188,3 @@ def test_full_disk_during_training_keeps_last_checkpoint_and_says_so(tmp_path, t
         assert "Traceback" not in proc.stderr
         assert sorted(p.name for p in mnt.iterdir()) == ["last.ckpt"]  # no temp file left
         assert torch.load(mnt / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 1
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 import time
 
 import lightning as L
@@ -17,7 +16,7 @@ import torch
 
 from callbacks.nan_guard import NanGuard, NonFiniteError
 from callbacks.preemption import RequeueOnSignal, next_hpc_path
-from helpers import LatentSet, loader, tiny_flow_module
+from helpers import LatentSet, loader, mounted_tmpfs, tiny_flow_module
 from lit_ovis.checkpoint_io import AtomicCheckpointIO, temp_path
 from lit_ovis.errors import CheckpointError, UserError
 from lit_ovis.modules.config import EMAConfig
@@ -141,15 +140,8 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A real 1 MiB file system that fills up."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_real_full_disk_keeps_previous_checkpoint_byte_for_byte(small_tmpfs):

@@ -6,7 +6,6 @@ FSDP2/HSDP (ModelParallelStrategy, gloo on CPU) or a single process, then dump l
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
