@@ -44,7 +44,23 @@ def load_training_checkpoint(path: str | os.PathLike, ema: bool = True) -> dict[
     return _load_file(p)
 
 
-def backbone_state_dict(checkpoint: dict[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+# `--weights` of export / eval: which backbone weights a training checkpoint gives (`backbone_state_dict`'s use_ema).
+WEIGHTS = {"auto": None, "ema": True, "raw": False}
+
+
+def uses_ema_weights(checkpoint: dict[str, Any]) -> bool:
+    """True when the checkpoint holds EMA weights and its run sampled with them (`ema.use_for_sampling`)."""
+    if not any(k.startswith(EMA_PREFIX) for k in checkpoint.get("state_dict") or {}):
+        return False
+    ema = hyper_parameters(checkpoint).get("ema")
+    return bool(ema.get("use_for_sampling", True) if isinstance(ema, dict) else getattr(ema, "use_for_sampling", True))
+
+
+def backbone_state_dict(checkpoint: dict[str, Any], use_ema: bool | None = False) -> dict[str, torch.Tensor]:
+    """Backbone weights in diffusers key layout; `use_ema=None`: the weights the run sampled its grids with
+    (the EMA weights when it kept and used an EMA), which is what export, eval and the next stage start from."""
+    if use_ema is None:
+        use_ema = uses_ema_weights(checkpoint)
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError("checkpoint has no 'state_dict'; is it a lit-ovis training checkpoint?")

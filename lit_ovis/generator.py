@@ -10,7 +10,7 @@ import torch
 
 from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
 from lit_ovis.errors import CheckpointError
-from lit_ovis.models.backbone import build_backbone, uses_ema_weights
+from lit_ovis.models.backbone import build_backbone
 from lit_ovis.models.text_encoder import OvisTextEncoder, build_text_encoder
 from lit_ovis.models.vae import FluxVAE, build_vae
 from lit_ovis.modules.config import BackboneConfig, EncoderConfig
@@ -56,8 +56,6 @@ def load_generator(path: str, max_sequence_length: int | None = None, use_ema: b
     hp = hyper_parameters(ckpt)
     backbone_cfg, encoders, sampling = _cfg(hp, "backbone", BackboneConfig), _cfg(hp, "encoders", EncoderConfig), _cfg(hp, "sampling", SamplingConfig)
     transformer = build_backbone(backbone_cfg.preset)
-    if use_ema is None:
-        use_ema = uses_ema_weights(ckpt, hp)
     transformer.load_state_dict(backbone_state_dict(ckpt, use_ema=use_ema), strict=True)
     encoder = build_text_encoder(encoders.text_encoder, max_sequence_length or encoders.max_sequence_length)
     return Generator(transformer, encoder, build_vae(encoders.vae), sampling)

@@ -61,11 +61,8 @@ def consolidate(checkpoint: str, output: str, use_ema: bool | None = None, diffu
     from safetensors.torch import save_file
 
     from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
-    from lit_ovis.models.backbone import uses_ema_weights
 
     ckpt = load_training_checkpoint(checkpoint, ema=use_ema is not False)
-    if use_ema is None:
-        use_ema = uses_ema_weights(ckpt, hyper_parameters(ckpt))
     weights = {k: v.contiguous() for k, v in backbone_state_dict(ckpt, use_ema=use_ema).items()}
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-sequence-length", type=int, default=None)
-    p.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+    p.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],  # keys of lit_ovis.checkpoints.WEIGHTS
                    help="training checkpoints: auto = the EMA weights when the run sampled with them, else raw")
     p.add_argument("--tensorboard", default=None, help="log aggregates to this TensorBoard directory")
     args = p.parse_args(argv)
@@ -272,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         ensemble = build_ensemble(args.scorers, args.clip_model, args.scorer_kwargs)
         if not Path(args.model).exists():
             raise CheckpointError(f"{args.model}: not found; pass a .ckpt, a sharded checkpoint directory or an exported diffusers folder")
-        use_ema = {"auto": None, "ema": True, "raw": False}[args.weights]
+        from lit_ovis.checkpoints import WEIGHTS
+
         model_id = model_identity(args.model, weights=args.weights, max_sequence_length=args.max_sequence_length)
-        generator = load_generator(args.model, args.max_sequence_length, use_ema)
+        generator = load_generator(args.model, args.max_sequence_length, WEIGHTS[args.weights])
         if torch.cuda.is_available():
             generator.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         report = evaluate(generator, items, args.output_dir, ensemble, args.seed, args.batch_size, args.steps, args.guidance_scale,

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
 
-from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
+from lit_ovis.checkpoints import WEIGHTS, backbone_state_dict, hyper_parameters, load_training_checkpoint
 from lit_ovis.errors import CheckpointError
 from lit_ovis.generator import _cfg
-from lit_ovis.models.backbone import build_backbone, uses_ema_weights
+from lit_ovis.models.backbone import build_backbone
 from lit_ovis.models.text_encoder import build_text_encoder
 from lit_ovis.models.vae import build_vae
 from lit_ovis.modules.config import BackboneConfig, EncoderConfig
@@ -46,8 +46,6 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool | Non
     """`use_ema=None`: the weights the run sampled its grids with (EMA when it had and used one)."""
     ckpt = load_training_checkpoint(checkpoint_path, ema=use_ema is not False)
     hp = hyper_parameters(ckpt)
-    if use_ema is None:
-        use_ema = uses_ema_weights(ckpt, hp)
     backbone_cfg = _cfg(hp, "backbone", BackboneConfig)
     encoders = _cfg(hp, "encoders", EncoderConfig)
     sampling = _cfg(hp, "sampling", SamplingConfig)
@@ -81,14 +79,11 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool | Non
     return out
 
 
-WEIGHTS = {"auto": None, "ema": True, "raw": False}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lit-ovis export", description=__doc__)
     parser.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint directory")
     parser.add_argument("output_dir", help="diffusers folder to write (replaced atomically if it exists)")
-    parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+    parser.add_argument("--weights", default="auto", choices=list(WEIGHTS),
                         help="auto: the EMA weights when the run sampled with them (its grids show them), else raw")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = parser.parse_args(argv)

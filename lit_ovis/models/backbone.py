@@ -71,22 +71,11 @@ def _is_training_checkpoint(path: str) -> bool:
 
 
 def _training_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
-    """Backbone weights of a training checkpoint: the EMA weights when the run sampled with them (what its
-    grids and exports showed), else the raw weights; so SFT starts from pretraining, DPO from SFT, ..."""
-    from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
+    """Backbone weights of a training checkpoint, the ones its run sampled with: SFT starts from pretraining,
+    DPO from SFT, ..."""
+    from lit_ovis.checkpoints import backbone_state_dict, load_training_checkpoint
 
-    ckpt = load_training_checkpoint(path)
-    return backbone_state_dict(ckpt, use_ema=uses_ema_weights(ckpt, hyper_parameters(ckpt)))
-
-
-def uses_ema_weights(checkpoint: dict, hparams: dict) -> bool:
-    """True when the checkpoint holds EMA weights and its run sampled with them (`ema.use_for_sampling`)."""
-    state = checkpoint.get("state_dict") or {}
-    if not any(k.startswith("ema.") for k in state):
-        return False
-    ema = hparams.get("ema")
-    use = ema.get("use_for_sampling", True) if isinstance(ema, dict) else getattr(ema, "use_for_sampling", True)
-    return bool(use)
+    return backbone_state_dict(load_training_checkpoint(path), use_ema=None)
 
 
 def _from_pretrained_folder(path: str, dtype: torch.dtype) -> OvisImageTransformer2DModel:

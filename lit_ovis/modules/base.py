@@ -114,10 +114,10 @@ class OvisBaseModule(L.LightningModule):
     def materialize_sharded_backbones(self) -> None:
         """Fill the sharded meta backbone (and frozen copies of it, e.g. a reference model) from rank 0's weights."""
         from lit_ovis.models.backbone import pretrained_state_dict
-        from lit_ovis.parallel.init import is_meta, materialize_from_rank0
+        from lit_ovis.parallel.init import is_meta, materialize_from_rank0, read_on_rank0
 
         cfg = self.backbone_cfg
-        state = pretrained_state_dict(cfg.preset, cfg.pretrained) if self.global_rank == 0 else None
+        state = read_on_rank0(lambda: pretrained_state_dict(cfg.preset, cfg.pretrained))
         device = self.trainer.strategy.root_device
         for module in [self.backbone, *self._frozen.values()]:
             if is_meta(module):

@@ -7,10 +7,9 @@ backbone built before any parallelism: it lives in `self._frozen` (outside the m
 the optimizer or a checkpoint, stays in eval mode with requires_grad False, and `parallelize_module` shards it
 on the same mesh and mixed-precision policy as the policy. It also runs the policy's code path: after
 `parallelize_module`, `OvisBaseModule.match_policy_code_path` copies the policy's attention backend to it and
-compiles its blocks when the policy's are compiled, so that policy == reference gives identical errors -- with beta in the
-thousands, a kernel-level difference between the two would otherwise be a constant bias in every implicit
-reward. On resume the reference is
-rebuilt from the same SFT weights.
+compiles its blocks when the policy's are compiled, so that policy == reference gives identical errors (with
+beta in the thousands, a kernel-level difference between the two would be a constant bias in every implicit
+reward). On resume the reference is rebuilt from the same SFT weights.
 
 One training step (the math lives in `lit_ovis.losses.dpo`):
   shared noise and timestep per pair -> x_t for winner and loser -> policy velocities for both in one batched

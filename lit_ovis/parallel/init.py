@@ -9,6 +9,8 @@ itself only with random `reset_parameters`, which would discard the pretrained w
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,25 +22,29 @@ def is_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
 
 
-def materialize_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
-    """Allocate `module`'s (sharded) meta parameters on `device` and load `full_state`, which only rank 0
-    holds (None elsewhere). Every rank must call it; an error on rank 0 reaches all ranks (no hang)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
+def read_on_rank0(read: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+    """`read()` on rank 0 only (None elsewhere). Its one-line CheckpointError (missing file, keys that do not
+    match) is broadcast, so every rank raises it instead of waiting for weights that never come."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
-    message = [None]
+    state, message = None, [None]
     if rank == 0:
-        missing = sorted(set(expected) - set(full_state or {}))
-        unexpected = sorted(set(full_state or {}) - set(expected))
-        wrong = [k for k in expected if k in (full_state or {}) and tuple(full_state[k].shape) != expected[k][0]]
-        if missing or unexpected or wrong:
-            message[0] = (f"pretrained weights do not match the sharded backbone: {len(missing)} missing (e.g. {missing[:3]}), "
-                          f"{len(unexpected)} unexpected, {len(wrong)} wrong-shape keys; pick the matching preset or weights")
+        try:
+            state = read()
+        except CheckpointError as err:
+            message[0] = str(err)
     if dist.is_initialized():
         dist.broadcast_object_list(message, src=0)
     if message[0]:
         raise CheckpointError(message[0])
+    return state
+
+
+def materialize_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Allocate `module`'s (sharded) meta parameters on `device` and load `full_state` (from `read_on_rank0`:
+    checked there, held by rank 0 only). Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
     module.to_empty(device=device)
     # Rank 0's tensors stay on the host; torch moves and broadcasts them one at a time, and each rank casts
     # its shard to the parameter dtype (fp32 master weights from bf16 files).
