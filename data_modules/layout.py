@@ -23,10 +23,18 @@ FORMAT = 2  # 1: a single top-level report.json with one `resolution` (older pre
 BUCKET_DIR = re.compile(r"^(\d+)x(\d+)$")
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a hidden temp file beside `path`, fsync, rename over it: readers see the old or the new file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def read_json(path: Path) -> dict | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -36,7 +37,8 @@ from tqdm import tqdm
 
 from data_modules.buckets import assign_bucket, bucket_name, make_buckets, resize_to_bucket
 from data_modules.dedup import MAX_THRESHOLD, NearDuplicateIndex
-from data_modules.layout import FORMAT, REPORT, WORK, read_json, swap_in, temp_dir, update_root_report, write_json_atomic
+from data_modules.layout import (FORMAT, REPORT, WORK, atomic_write, read_json, swap_in, temp_dir, update_root_report,
+                                  write_json_atomic)
 from data_modules.records import Record, Skip, check_caption, load_image, records_from_folder, records_from_manifest
 from lit_ovis.errors import ConfigError, DataError
 
@@ -200,11 +202,9 @@ def _work_dir(out: Path, resolution: int) -> Path:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def _run_shard(records: list[Record], cfg: PrepareConfig, buckets, encoders: Encoders, pool) -> dict:

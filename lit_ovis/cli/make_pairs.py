@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -46,7 +45,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from data_modules.layout import swap_in, update_root_report
+from data_modules.layout import atomic_write, swap_in, update_root_report
 from lit_ovis.errors import CheckpointError, ConfigError, DataError
 from lit_ovis.scoring.ensemble import ScorerEnsemble, combine, normalise, parse_weights
 
@@ -163,12 +162,6 @@ def _key(index: int, rec_id: str) -> str:
     return f"{index}:{rec_id}"
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _open_work(out: Path, cfg: PairsConfig, names: list[str]) -> tuple[Path, dict[str, dict]]:
     """The work folder of this output and the sidecars of its finished shards (refusing foreign settings)."""
     work = out / WORK
@@ -182,7 +175,7 @@ def _open_work(out: Path, cfg: PairsConfig, names: list[str]) -> tuple[Path, dic
             raise ConfigError(f"{out}: holds an unfinished make-pairs run with other settings ({', '.join(changed)}); "
                               f"rerun with those settings, use another --output-dir, or delete {work}")
     else:
-        _atomic_write(cfg_path, json.dumps(settings, indent=1))
+        atomic_write(cfg_path, json.dumps(settings, indent=1))
     shards = {}
     for side in sorted(work.glob("shard-*.json")):
         if side.with_suffix(".pt").exists():
@@ -222,10 +215,10 @@ def _process_chunk(chunk: list[tuple[int, dict]], cfg: PairsConfig, ensemble: Sc
     name = f"shard-{chunk[0][0]:09d}"
     buf = io.BytesIO()
     torch.save(rows, buf)
-    _atomic_write(work / f"{name}.pt", buf.getvalue())
+    atomic_write(work / f"{name}.pt", buf.getvalue())
     side = {"keys": [_key(i, it["id"]) for i, it in chunk], "bucket": [bw, bh],
             "ref": {s: raw[s][:n].tolist() for s in raw}, "gen": {s: raw[s][n:].tolist() for s in raw}}
-    _atomic_write(work / f"{name}.json", json.dumps(side))  # written last: the shard counts as finished
+    atomic_write(work / f"{name}.json", json.dumps(side))  # written last: the shard counts as finished
 
 
 @torch.no_grad()
@@ -347,7 +340,7 @@ def _finish(out: Path, work: Path, shards: dict[str, dict], ensemble: ScorerEnse
     # Same layout as `prepare` (data_modules.layout): this resolution's report travels inside its dataset
     # swap, and the root report lists every resolution, so several pair resolutions can share one root.
     tmp_root.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tmp_root / REPORT, json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write(tmp_root / REPORT, json.dumps(report, indent=2, ensure_ascii=False))
     swap_in(tmp_root, root)
     update_root_report(out)
     return report
