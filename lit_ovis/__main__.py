@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
-        print(f"error: unknown verb '{verb}'\n{usage()}", file=sys.stderr)
+        from lit_ovis.errors import closest
+
+        guess = closest(verb, VERBS)
+        print(f"error: unknown verb '{verb}'" + (f" (did you mean '{guess}'?)" if guess else "") + "\nsee all verbs: lit-ovis --help",
+              file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
     if module.__name__ == "lit_ovis.cli.lightning_cli":

@@ -11,6 +11,10 @@ import math
 
 import torch
 
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+TIMESTEP_SHIFTS = ("none", "static", "dynamic")
+LOSS_WEIGHTINGS = ("none", "cosmap", "sigma_sqrt")
+
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape + (1,) * (like.ndim - t.ndim)).to(like.dtype)
@@ -67,7 +71,7 @@ def sample_timesteps(
     elif method == "logit_normal":
         t = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, generator=generator, device=device))
     else:
-        raise ValueError(f"unknown timestep sampling '{method}': use 'uniform' or 'logit_normal'")
+        raise ValueError(f"unknown timestep sampling '{method}': use one of {TIMESTEP_SAMPLINGS}")
     # Keep strictly inside (0, 1): t = 0 gives no learning signal and t = 1 breaks the shifts.
     return t.clamp(1e-5, 1.0 - 1e-5)
 
@@ -92,7 +96,7 @@ def shift_timesteps(
             raise ValueError("dynamic timestep shift needs image_seq_len")
         mu = resolution_shift_mu(image_seq_len, base_seq_len, max_seq_len, base_shift, max_shift)
         return shift_exponential(t, mu)
-    raise ValueError(f"unknown timestep shift '{mode}': use 'none', 'static' or 'dynamic'")
+    raise ValueError(f"unknown timestep shift '{mode}': use one of {TIMESTEP_SHIFTS}")
 
 
 def loss_weights(t: torch.Tensor, scheme: str = "none") -> torch.Tensor:
@@ -103,7 +107,7 @@ def loss_weights(t: torch.Tensor, scheme: str = "none") -> torch.Tensor:
         return 2.0 / (math.pi * (1.0 - 2.0 * t + 2.0 * t**2))
     if scheme == "sigma_sqrt":
         return (t**-2.0).clamp(max=1e4)
-    raise ValueError(f"unknown loss weighting '{scheme}': use 'none', 'cosmap' or 'sigma_sqrt'")
+    raise ValueError(f"unknown loss weighting '{scheme}': use one of {LOSS_WEIGHTINGS}")
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

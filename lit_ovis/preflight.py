@@ -2,6 +2,11 @@
 is built, any process is launched or any GPU work starts (the CLI runs them on the parsed config, and
 `lit-ovis submit` runs them before calling sbatch).
 
+Every option with a valid range is listed in `RANGES` / `CHOICES` (value checks), then come the checks
+that relate several options or the files they name: paths that must exist (data, prompt files, weights),
+the batch against the prepared buckets, the mesh against the world size, and the hardware the trainer
+asks for (only where the job will run: `this_machine=False` for `lit-ovis submit` on a login node).
+
 Batch sizes here are per rank (every rank draws its own batches), so no batch size has to divide the
 mesh; what must fit the world size (trainer.num_nodes x trainer.devices) is the mesh itself
 (replicas x shards, data x tensor parallel) and the data: every rank needs at least one batch per epoch.
@@ -9,16 +14,123 @@ mesh; what must fit the world size (trainer.num_nodes x trainer.devices) is the 
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Mapping, NamedTuple
 
 from lit_ovis.errors import ConfigError
-from lit_ovis.models.presets import TRANSFORMER_PRESETS
+from lit_ovis.models.presets import TEXT_ENCODER_PRESETS, TRANSFORMER_PRESETS, VAE_PRESETS
 
 REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://", "local:")
 # Paths a data module builds itself when asked for a synthetic set; the others must always exist.
 BUILT_PATHS = ("root", "data_dir", "path")
 USER_PATHS = ("prompt_file", "val_root")
+# A hub id (`org/name`) is fetched, not opened: it cannot be checked offline, a missing local path can.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+class Range(NamedTuple):
+    """`low <= value <= high` (a bound of None is open-ended; `low_open`/`high_open` make it strict)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def holds(self, value: float) -> bool:
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}"
+        return f"must be {'<' if self.high_open else '<='} {self.high:g}"
+
+
+POSITIVE, AT_LEAST_1, NON_NEGATIVE, FRACTION = Range(0, low_open=True), Range(1), Range(0), Range(0, 1)
+
+# Keys below the sub-command config; the option is `--` + the key without `init_args.`.
+RANGES: dict[str, Range] = {
+    "model.init_args.optimizer.lr": POSITIVE,
+    "model.init_args.optimizer.weight_decay": NON_NEGATIVE,
+    "model.init_args.optimizer.eps": POSITIVE,
+    "model.init_args.optimizer.warmup_steps": NON_NEGATIVE,
+    "model.init_args.optimizer.grad_clip": Range(0, note="; 0 disables clipping"),
+    "model.init_args.ema.decay": Range(0, 1, high_open=True, note="; 0.999-0.9999 is typical, 1 would never move"),
+    "model.init_args.ema.every_n_steps": AT_LEAST_1,
+    "model.init_args.encoders.max_sequence_length": AT_LEAST_1,
+    "model.init_args.sampling.steps": AT_LEAST_1,
+    "model.init_args.sampling.guidance_scale": NON_NEGATIVE,
+    "model.init_args.sampling.height": Range(16),
+    "model.init_args.sampling.width": Range(16),
+    "model.init_args.flow_matching.caption_dropout": FRACTION,
+    "model.init_args.flow_matching.logit_std": POSITIVE,
+    "model.init_args.flow_matching.shift": POSITIVE,
+    "model.init_args.flow_matching.loss_buckets": AT_LEAST_1,
+    "model.init_args.dpo.logit_std": POSITIVE,
+    "model.init_args.dpo.shift": POSITIVE,
+    "model.init_args.parallel.checkpoint_every_n_blocks": AT_LEAST_1,
+    "model.init_args.lora.rank": AT_LEAST_1,
+    "model.init_args.lora.alpha": POSITIVE,
+    "model.init_args.grpo.kl_beta": NON_NEGATIVE,
+    "model.init_args.grpo.clip_range": POSITIVE,
+    "model.init_args.grpo.window_size": AT_LEAST_1,
+    "model.init_args.grpo.window_ema": FRACTION,
+    "model.init_args.grpo.window_explore": FRACTION,
+    "data.init_args.num_workers": NON_NEGATIVE,
+    "data.init_args.val_samples_per_bucket": NON_NEGATIVE,
+    "data.init_args.val_batch_size": AT_LEAST_1,
+    "data.init_args.synthetic_samples": NON_NEGATIVE,
+    "data.init_args.synthetic_pairs": NON_NEGATIVE,
+    "data.init_args.synthetic_prompts": NON_NEGATIVE,
+    "data.init_args.max_sequence_length": AT_LEAST_1,
+    "data.init_args.zh_fraction": FRACTION,
+    "data.init_args.limit": AT_LEAST_1,
+    "data.init_args.build_timeout_s": POSITIVE,
+    "data.init_args.worker_timeout_s": Range(0, note="; 0 waits forever"),
+    "trainer.max_steps": Range(-1, note="; -1 means no limit"),
+    "trainer.min_steps": Range(-1),
+    "trainer.max_epochs": Range(-1, note="; -1 means no limit"),
+    "trainer.min_epochs": NON_NEGATIVE,
+    "trainer.accumulate_grad_batches": AT_LEAST_1,
+    "trainer.log_every_n_steps": NON_NEGATIVE,
+    "trainer.check_val_every_n_epoch": AT_LEAST_1,
+    "trainer.num_sanity_val_steps": Range(-1),
+    "trainer.gradient_clip_val": NON_NEGATIVE,
+    "trainer.num_nodes": AT_LEAST_1,
+    "trainer.limit_train_batches": NON_NEGATIVE,
+    "trainer.limit_val_batches": NON_NEGATIVE,
+    "trainer.limit_predict_batches": NON_NEGATIVE,
+}
+
+
+def _choices() -> dict[str, tuple]:
+    from lit_ovis.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TIMESTEP_SHIFTS
+    from lit_ovis.losses.dpo import SAFEGUARD_RULES
+    from lit_ovis.modules.config import DTYPES
+
+    flow = {"timestep_sampling": TIMESTEP_SAMPLINGS, "timestep_shift": TIMESTEP_SHIFTS, "loss_weighting": LOSS_WEIGHTINGS}
+    choices = {f"model.init_args.{group}.{key}": values for group in ("flow_matching", "dpo") for key, values in flow.items()}
+    choices.update({
+        "model.init_args.dpo.safeguard_rule": SAFEGUARD_RULES,
+        "model.init_args.encoders.dtype": tuple(DTYPES),
+        "model.init_args.parallel.param_dtype": tuple(DTYPES),
+        "model.init_args.parallel.reduce_dtype": tuple(DTYPES),
+        "model.init_args.parallel.activation_checkpointing": ("none", "full", "selective"),  # lit_ovis.parallel.memory
+        "model.init_args.grpo.window": ("adaptive", "sliding", "fixed", "all"),
+        "model.init_args.grpo.window_signal": ("noise", "logp_change"),
+        "model.init_args.grpo.log_prob_reduce": ("mean", "sum"),
+    })
+    return choices
 
 
 def _get(cfg: Any, dotted: str, default=None):
@@ -34,6 +146,27 @@ def _get(cfg: Any, dotted: str, default=None):
         else:
             node = getattr(node, part, None)
     return default if node is None else node
+
+
+def option_name(key: str) -> str:
+    return "--" + key.replace(".init_args.", ".")
+
+
+def check_values(cfg: Any) -> None:
+    """Every present option with a range or a fixed set of values (RANGES, CHOICES)."""
+    for key, allowed in RANGES.items():
+        value = _get(cfg, key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # absent for this stage, or a non-number (e.g. max_steps: null) that jsonargparse typed
+        if not allowed.holds(value):
+            raise ConfigError(f"{option_name(key)} {allowed.describe()} (got {value}){allowed.note}")
+    betas = _get(cfg, "model.init_args.optimizer.betas")
+    if betas is not None and not all(Range(0, 1, high_open=True).holds(float(b)) for b in betas):
+        raise ConfigError(f"--model.optimizer.betas must both be in [0, 1) (got {list(betas)})")
+    for key, values in _choices().items():
+        value = _get(cfg, key)
+        if value is not None and value not in values:
+            raise ConfigError(f"{option_name(key)}: '{value}' is not one of {', '.join(values)}")
 
 
 def check_resolution(height: int, width: int, option: str) -> None:
@@ -57,13 +190,24 @@ def _local_path_missing(path: Any) -> bool:
     return isinstance(path, str) and bool(path) and not path.startswith(REMOTE_PREFIXES) and not os.path.exists(path)
 
 
+def check_weights_source(value: Any, option: str, presets: Mapping) -> None:
+    """A preset name, an existing local file/folder, or a hub id; a missing local path fails now rather than
+    after the trainer started (or after the data was built)."""
+    if not isinstance(value, str) or value.strip().lower() in ("", "none", "null") or value in presets or not _local_path_missing(value):
+        return
+    if HUB_ID.match(value) and not value.endswith(WEIGHT_SUFFIXES):
+        return  # `org/name`: resolved by the hub cache at load time
+    raise ConfigError(f"{option}: '{value}' does not exist (not a local file or folder, nor a hub id such as AIDC-AI/Ovis-Image-7B); fix the path or train that stage first")
+
+
 def check_model(args: Any) -> None:
     preset = _get(args, "backbone.preset")
     if preset is not None and preset not in TRANSFORMER_PRESETS and not _get(args, "backbone.pretrained"):
         raise ConfigError(f"--model.backbone.preset: unknown preset '{preset}'; choose one of {sorted(TRANSFORMER_PRESETS)}")
-    lr = _get(args, "optimizer.lr")
-    if lr is not None and float(lr) <= 0:
-        raise ConfigError(f"--model.optimizer.lr must be > 0 (got {lr})")
+    check_weights_source(_get(args, "backbone.pretrained"), "--model.backbone.pretrained", {})
+    check_weights_source(_get(args, "dpo.reference_pretrained"), "--model.dpo.reference_pretrained", {})
+    check_weights_source(_get(args, "encoders.text_encoder"), "--model.encoders.text_encoder", TEXT_ENCODER_PRESETS)
+    check_weights_source(_get(args, "encoders.vae"), "--model.encoders.vae", VAE_PRESETS)
     height, width = _get(args, "sampling.height"), _get(args, "sampling.width")
     if height is not None and width is not None:
         check_resolution(int(height), int(width), "--model.sampling.height/width")
@@ -83,7 +227,49 @@ def check_model(args: Any) -> None:
             check_resolution(int(gh), int(gw), "--model.grpo.height/width")
 
 
-def check_data(data: Any, world: int | None) -> None:
+def _check_side(value: Any, option: str) -> None:
+    if value is not None and (int(value) < 16 or int(value) % 16):
+        raise ConfigError(f"{option}: {value} is not a positive multiple of 16 px; use {max(16, int(value) // 16 * 16)}")
+
+
+def prepared_buckets(root: str, resolutions: list[int] | None) -> dict[str, int] | None:
+    """{`<res>/<WxH>`: samples} from a local prepared root's report.json, or None when there is none."""
+    if not isinstance(root, str) or not root or root.startswith(REMOTE_PREFIXES):
+        return None
+    try:
+        with open(os.path.join(root, "report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    buckets = report.get("buckets") if isinstance(report, dict) else None
+    if not isinstance(buckets, dict):
+        return None
+    wanted = {str(int(r)) for r in resolutions} if resolutions else None
+    return {k: int(n) for k, n in buckets.items() if wanted is None or k.split("/")[0] in wanted}
+
+
+def check_batch_fits_buckets(data: Any, world: int | None) -> None:
+    """Every batch comes from one bucket: a batch larger than every prepared bucket can never be drawn."""
+    batch = int(_get(data, "batch_size", 0) or 0)
+    buckets = prepared_buckets(_get(data, "root"), _get(data, "resolutions"))
+    if batch < 1 or not buckets:
+        return
+    held = int(_get(data, "val_samples_per_bucket", 0) or 0)
+    train = {k: max(n - held, 0) for k, n in buckets.items()}
+    full = sum(n // batch for n in train.values())
+    ranks = world or 1
+    if full >= ranks:
+        return
+    largest = max(train, key=train.get)
+    after = f" after holding out {held} per bucket for validation" if held else ""
+    if full == 0:
+        raise ConfigError(f"--data.batch_size={batch} is larger than every bucket of {_get(data, 'root')}{after} (largest: "
+                          f"{train[largest]} samples in {largest}); use --data.batch_size {max(train[largest], 1)} or less, or prepare more data")
+    raise ConfigError(f"--data.batch_size={batch}: {_get(data, 'root')} has {full} full batches{after}, fewer than {ranks} ranks; "
+                      "lower the batch size or prepare more data")
+
+
+def check_data(data: Any, world: int | None, subcommand: str | None = "fit") -> None:
     synthetic = {k: int(_get(data, k, 0) or 0) for k in ("synthetic_samples", "synthetic_pairs")}
     if _get(data, "prompt_file") is not None or _get(data, "synthetic_prompts") is not None or _get(data, "zh_fraction") is not None:
         from data_modules.prompts import default_synthetic_prompts  # a PromptDataModule: its default depends on prompt_file
@@ -98,9 +284,16 @@ def check_data(data: Any, world: int | None) -> None:
     resolution = _get(data, "resolution")
     if resolution is not None and int(resolution) % 16:
         raise ConfigError(f"--data.resolution: {resolution} is not a multiple of 16 px; use {int(resolution) // 16 * 16}")
+    _check_side(_get(data, "synthetic_resolution"), "--data.synthetic_resolution")
+    for res in _get(data, "resolutions") or []:
+        _check_side(res, "--data.resolutions")
+    if _get(data, "val_samples_per_bucket") and _get(data, "val_root"):
+        raise ConfigError("set one of --data.val_samples_per_bucket (held out of root) and --data.val_root (a separate dataset), not both")
     batch = _get(data, "batch_size")
     if batch is not None and int(batch) <= 0:
         raise ConfigError(f"--data.batch_size must be >= 1 (got {batch})")
+    if not builds_own and subcommand in (None, "fit"):
+        check_batch_fits_buckets(data, world)
     if batch is None or world is None:
         return
     # A synthetic-only set has a known size: fewer samples than one batch per rank can never train.
@@ -135,10 +328,32 @@ def check_mesh(cfg: Any, args: Any, world: int | None) -> None:
         )
 
 
-def check_config(cfg: Any) -> None:
-    """`cfg`: the parsed LightningCLI sub-command config (namespace or dict)."""
+def check_hardware(trainer: Any) -> None:
+    """The accelerator and device count the trainer asks for exist on this machine."""
+    import torch
+
+    accelerator = str(_get(trainer, "accelerator", "auto") or "auto").lower()
+    devices = _get(trainer, "devices")
+    if accelerator in ("gpu", "cuda"):
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            raise ConfigError(f"--trainer.accelerator={accelerator} but no GPU is visible (torch.cuda.is_available() is False); "
+                              "use --trainer.accelerator cpu or run on a GPU machine")
+        wanted = world_size({"devices": devices})
+        if isinstance(devices, (int, str)) and wanted is not None and wanted > visible and not isinstance(devices, list):
+            raise ConfigError(f"--trainer.devices={devices} but only {visible} GPU(s) are visible; use --trainer.devices {visible} or fewer")
+    if accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("--trainer.accelerator=mps but MPS is not available here; use --trainer.accelerator cpu")
+
+
+def check_config(cfg: Any, subcommand: str | None = "fit", this_machine: bool = True) -> None:
+    """`cfg`: the parsed LightningCLI sub-command config (namespace or dict). `this_machine`: also check the
+    hardware the trainer asks for (False where the job runs elsewhere, e.g. `lit-ovis submit`)."""
     args = _get(cfg, "model.init_args") or {}
     world = world_size(_get(cfg, "trainer") or {})
+    check_values(cfg)
+    check_data(_get(cfg, "data.init_args") or {}, world, subcommand)
     check_model(args)
-    check_data(_get(cfg, "data.init_args") or {}, world)
     check_mesh(cfg, args, world)
+    if this_machine:
+        check_hardware(_get(cfg, "trainer") or {})

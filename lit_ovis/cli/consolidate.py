@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lit_ovis.errors import CheckpointError
+from lit_ovis.errors import CheckpointError, OneLineArgumentParser
 
 
 MODEL_PREFIXES = ("state_dict.backbone.",)
@@ -80,7 +80,7 @@ def consolidate(checkpoint: str, output: str, use_ema: bool | None = None, diffu
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lit-ovis consolidate", description=__doc__)
+    p = OneLineArgumentParser(prog="lit-ovis consolidate", description=__doc__)
     p.add_argument("checkpoint", help="sharded checkpoint directory (or a .ckpt file)")
     p.add_argument("output", help="output .safetensors file (backbone, diffusers key layout)")
     which = p.add_mutually_exclusive_group()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from lit_ovis.errors import OneLineArgumentParser
 from lit_ovis.models.presets import TEXT_ENCODER_PRESETS, TRANSFORMER_PRESETS, lookup
 from lit_ovis.parallel.memory import checkpointed_block_indices
 
@@ -121,7 +122,7 @@ def estimate(preset: str, world_size: int, replicate: int, height: int, width: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lit-ovis estimate-memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="lit-ovis estimate-memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="ovis-image-7b")
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--replicate", type=int, default=1, help="HSDP replicas (nodes); 1 = plain FSDP")

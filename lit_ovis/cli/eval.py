@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lit_ovis.errors import CheckpointError, ConfigError, DataError
+from lit_ovis.errors import CheckpointError, ConfigError, DataError, OneLineArgumentParser
 from lit_ovis.scoring import Scorer, ScorerEnsemble, flag_options, json_option
 from lit_ovis.scoring.ensemble import parse_weights
 from lit_ovis.scoring.metrics import WordScores, pool_words
@@ -242,7 +242,7 @@ def build_ensemble(spec: str, clip_model: str | None, scorer_kwargs: str) -> Sco
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lit-ovis eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="lit-ovis eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a .ckpt file, a sharded checkpoint directory or an exported diffusers folder")
     p.add_argument("prompts", help="JSONL (prompt, language, target_text), a CVTG-2K file or root folder, "
                                    "LongText-Bench JSONL, GenEval metadata, or .txt")

@@ -16,7 +16,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
 
 from lit_ovis.checkpoints import WEIGHTS, backbone_state_dict, hyper_parameters, load_training_checkpoint
-from lit_ovis.errors import CheckpointError
+from lit_ovis.errors import CheckpointError, OneLineArgumentParser
 from lit_ovis.generator import _cfg
 from lit_ovis.models.backbone import build_backbone
 from lit_ovis.models.text_encoder import build_text_encoder
@@ -80,7 +80,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lit-ovis export", description=__doc__)
+    parser = OneLineArgumentParser(prog="lit-ovis export", description=__doc__)
     parser.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint directory")
     parser.add_argument("output_dir", help="diffusers folder to write (replaced atomically if it exists)")
     parser.add_argument("--weights", default="auto", choices=list(WEIGHTS),

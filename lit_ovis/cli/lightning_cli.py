@@ -10,17 +10,39 @@ from __future__ import annotations
 import sys
 import warnings
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_ovis.errors import UserError
+from lit_ovis.errors import CommandLineError, UserError, user_message
 
-# UserError: ConfigError, DataError, CheckpointError, NonFiniteError. FileNotFoundError: a data path that
-# does not exist deserves one line, not a traceback.
+# UserError: ConfigError, DataError, CheckpointError, NonFiniteError, CommandLineError. FileNotFoundError: a
+# data path that does not exist deserves one line, not a traceback.
 USER_ERRORS = (UserError, FileNotFoundError)
 
 
+class ParseFailure(Exception):
+    """jsonargparse's error for a command line, raised instead of printing the usage and exiting; `run`
+    turns it into one line (lit_ovis.cli.parse_errors)."""
+
+    def __init__(self, message: str, parser):
+        super().__init__(message)
+        self.message, self.parser = message, parser
+
+
+class OvisArgumentParser(LightningArgumentParser):
+    def error(self, message: str, ex: Exception | None = None):
+        # jsonargparse also calls error() inside its own attempts (exit_on_error off) and catches what it
+        # raises there; only the final, user-facing error becomes a ParseFailure.
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        raise ParseFailure(message, getattr(ex, "subcommand_parser", None) or self)
+
+
 class OvisCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("parser_class", OvisArgumentParser)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.precision": "32-true"})
 
@@ -48,7 +70,7 @@ class OvisCLI(LightningCLI):
         from lit_ovis.preflight import check_config
 
         sub = self.config.get(self.subcommand) if self.subcommand else self.config
-        check_config(sub)
+        check_config(sub, subcommand=self.subcommand)
 
     def _instantiate_trainer(self, config, callbacks):
         # Step-budgeted runs: show `step 120/300` rather than Lightning's `Epoch 9/-2` (max_epochs - 1 of -1).
@@ -108,9 +130,58 @@ class _ParseOnly(OvisCLI):
         raise _Parsed(self.config.get(self.subcommand) if self.subcommand else self.config)
 
 
-def parse_config(args: list[str]):
-    """The resolved config namespace of `main.py <args>` (e.g. ["fit", "--config", ...]): parsed and
-    validated exactly as a run would parse it, but nothing is instantiated and no check is run."""
+def _help_hint(parser, argv: list[str]) -> str:
+    prog = (getattr(parser, "prog", "") or "main.py").replace(" [options]", "")
+    sub = next((a for a in argv if not a.startswith("-")), None)
+    if sub in ("fit", "validate", "test", "predict") and not prog.endswith(sub):
+        prog = f"{prog} {sub}"
+    return f"see all options: {'python ' if prog.split()[0].endswith('.py') else ''}{prog} --help"
+
+
+def _known_keys(parser, argv: list[str], bad: str) -> list[str]:
+    """Every option of the failing parser, plus the model/data init arguments of the classes the rest of
+    the command line selects (for `did you mean`)."""
+    keys = [s for action in getattr(parser, "_actions", []) for s in action.option_strings if s.startswith("--")]
+    rest, skip = [], False
+    for k, arg in enumerate(argv):  # the command line without the unknown option (and its value)
+        if skip:
+            skip = False
+            continue
+        if arg == bad or arg.startswith(bad + "="):
+            skip = arg == bad and k + 1 < len(argv) and not argv[k + 1].startswith("--")
+            continue
+        rest.append(arg)
+    try:
+        cfg = _parse(rest)
+    except (ParseFailure, SystemExit):
+        return keys
+
+    def flatten(node, prefix):
+        if hasattr(node, "as_dict"):
+            node = node.as_dict()
+        if isinstance(node, dict):
+            if "init_args" in node:
+                keys.append(prefix)
+                node = node["init_args"] or {}
+            for key, value in node.items():
+                flatten(value, f"{prefix}.{key}")
+        else:
+            keys.append(prefix)
+
+    for section in ("model", "data", "trainer"):
+        if cfg.get(section) is not None:
+            flatten(cfg.get(section), f"--{section}")
+    return keys
+
+
+def command_line_error(failure: ParseFailure, argv: list[str]) -> CommandLineError:
+    from lit_ovis.cli.parse_errors import summarise
+
+    return CommandLineError(summarise(failure.message, argv, lambda bad: _known_keys(failure.parser, argv, bad)),
+                            _help_hint(failure.parser, argv))
+
+
+def _parse(args: list[str]):
     try:
         with warnings.catch_warnings():  # the caller's own sys.argv is not meant for this parser
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -120,9 +191,33 @@ def parse_config(args: list[str]):
     raise RuntimeError("LightningCLI returned without reaching before_instantiate_classes")
 
 
+def parse_config(args: list[str]):
+    """The resolved config namespace of `main.py <args>` (e.g. ["fit", "--config", ...]): parsed and
+    validated exactly as a run would parse it, but nothing is instantiated and no check is run. A command
+    line that does not parse raises a one-line CommandLineError."""
+    try:
+        return _parse(args)
+    except ParseFailure as failure:
+        raise command_line_error(failure, list(args)) from None
+
+
 def run(args: list[str] | None = None) -> OvisCLI | None:
+    """LightningCLI with every user mistake as one `error:` line (exit 2): a command line that does not
+    parse (plus the closest valid key and how to see --help), a config that cannot work, bad data or
+    checkpoints, Lightning's own refusals, and the same raised inside constructors or data-loader workers."""
+    argv = list(sys.argv[1:] if args is None else args)
     try:
         return OvisCLI(**CLI_KWARGS, args=args)
-    except USER_ERRORS as err:
+    except ParseFailure as failure:
+        err = command_line_error(failure, argv)
+        print(f"error: {err}\n{err.help_hint}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:  # noqa: BLE001 - bugs are re-raised below with their traceback
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

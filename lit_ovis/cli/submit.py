@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lit_ovis.errors import OneLineArgumentParser
+
 TEMPLATE = """#!/bin/bash
 #SBATCH --job-name={job_name}
 #SBATCH --nodes={nodes}
@@ -96,7 +98,7 @@ def prepare_args(config: list[str], nodes: int, tasks_per_node: int, cpu: bool, 
     if uses_hsdp(cfg) and not any("data_parallel_replicate" in o for o in overrides):
         args = job_args(config, nodes, tasks_per_node, cpu, check_every_n_steps, replicate=nodes, overrides=overrides)
         cfg["model.init_args.parallel.data_parallel_replicate"] = nodes
-    check_config(cfg)
+    check_config(cfg, this_machine=False)  # the job's GPUs are on the compute nodes, not here
     return args
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="lit-ovis submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="lit-ovis submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", required=True)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8, help="tasks per node (one process per GPU, or per CPU task with --cpu)")
