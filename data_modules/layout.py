@@ -33,6 +33,20 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+def bucket_writer(path: Path | str, chunk_bytes: int | str):
+    """A LitData writer for one bucket dataset, written by this process alone.
+
+    LitData's writer takes its world size from torch.distributed: in a multi-process run where one rank
+    builds the data (the synthetic demo set), its merge() would wait forever for index files from ranks
+    that write nothing. The writer is told it is a world of one."""
+    from litdata.streaming.writer import BinaryWriter
+    from litdata.utilities.env import _DistributedEnv
+
+    writer = BinaryWriter(str(path), chunk_bytes=chunk_bytes)
+    writer._distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
+    return writer
+
+
 def write_json_atomic(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False))
 

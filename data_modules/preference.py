@@ -18,35 +18,46 @@ import torch
 from tqdm import tqdm
 
 from data_modules.buckets import assign_bucket, bucket_name, make_buckets, resize_to_bucket
-from data_modules.layout import REPORT, read_json, swap_in, temp_dir, update_root_report, write_json_atomic
+from data_modules.layout import REPORT, bucket_writer, read_json, swap_in, temp_dir, update_root_report, write_json_atomic
 from data_modules.streaming import LatentDataModule
+from lit_ovis.errors import OneLineArgumentParser
 
 
 class PreferenceDataModule(LatentDataModule):
-    """Batches with `latents_w`, `latents_l` [B,16,h,w] (one bucket), `prompt_embeds` or `captions`."""
+    """Batches with `latents_w`, `latents_l` [B,16,h,w] (one bucket), `prompt_embeds` or `captions`.
+
+    Args:
+        synthetic_pairs: > 0 builds that many synthetic (correct text, misspelt text) pairs in root on first use.
+        build_timeout_s: how long the other ranks wait for rank 0 to build the synthetic pairs before they
+            fail with one line.
+        worker_timeout_s: a DataLoader worker that produces no batch for this long fails the run with one
+            line; 0 waits forever.
+
+    The other arguments are LatentDataModule's.
+    """
 
     def __init__(self, root: str = "data/pairs", batch_size: int = 4, num_workers: int = 2, seed: int = 0,
                  resolutions: list[int] | None = None, synthetic_pairs: int = 0, synthetic_resolution: int = 64,
                  text_encoder: str | None = "tiny", vae: str = "tiny", max_sequence_length: int = 256,
-                 val_samples_per_bucket: int = 0, val_root: str | None = None, val_batch_size: int | None = None):
+                 val_samples_per_bucket: int = 0, val_root: str | None = None, val_batch_size: int | None = None,
+                 build_timeout_s: float = 3600.0, worker_timeout_s: float = 600.0):
         super().__init__(root, batch_size, num_workers, seed, resolutions, 0, synthetic_resolution, text_encoder, vae, max_sequence_length,
-                         val_samples_per_bucket, val_root, val_batch_size)
+                         val_samples_per_bucket, val_root, val_batch_size, build_timeout_s, worker_timeout_s)
         self.synthetic_pairs = synthetic_pairs
 
     def _resolutions(self) -> list[int] | None:
         return self.resolutions or ([self.synthetic["resolution"]] if self.synthetic_pairs > 0 else None)
 
-    def prepare_data(self) -> None:
+    def synthetic_builder(self):
         if self.synthetic_pairs > 0:
-            ensure_synthetic_pairs(self.root, self.synthetic_pairs, self.synthetic["resolution"], self.synthetic["text_encoder"],
-                                   self.synthetic["vae"], self.synthetic["max_sequence_length"])
+            return lambda: ensure_synthetic_pairs(self.root, self.synthetic_pairs, self.synthetic["resolution"], self.synthetic["text_encoder"],
+                                                  self.synthetic["vae"], self.synthetic["max_sequence_length"])
+        return None
 
 
 @torch.no_grad()
 def build_synthetic_pairs(root: str, n: int, resolution: int = 64, text_encoder: str | None = "tiny", vae: str = "tiny",
                           max_sequence_length: int = 256, seed: int = 0, progress: bool = True) -> dict:
-    from litdata.streaming.writer import BinaryWriter
-
     from data_modules.synthetic.engine import TextRenderingEngine
     from lit_ovis.models.text_encoder import build_text_encoder
     from lit_ovis.models.vae import build_vae
@@ -74,7 +85,7 @@ def build_synthetic_pairs(root: str, n: int, resolution: int = 64, text_encoder:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, items in groups.items():
-        writer = BinaryWriter(str(tmp / name), chunk_bytes="64MB")
+        writer = bucket_writer(tmp / name, "64MB")
         for k, item in enumerate(items):
             writer[k] = item
         writer.done()
@@ -101,7 +112,7 @@ def ensure_synthetic_pairs(root: str, n: int, resolution: int = 64, text_encoder
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_modules.preference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="python -m data_modules.preference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic", type=int, required=True)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--resolution", type=int, default=256)

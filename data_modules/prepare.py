@@ -19,6 +19,7 @@ settings are unchanged (same fingerprint in `<out>/<resolution>/report.json`) do
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import io
 import json
@@ -37,10 +38,10 @@ from tqdm import tqdm
 
 from data_modules.buckets import assign_bucket, bucket_name, make_buckets, resize_to_bucket
 from data_modules.dedup import MAX_THRESHOLD, NearDuplicateIndex
-from data_modules.layout import (FORMAT, REPORT, WORK, atomic_write, read_json, swap_in, temp_dir, update_root_report,
-                                  write_json_atomic)
+from data_modules.layout import (FORMAT, REPORT, WORK, atomic_write, bucket_writer, read_json, swap_in, temp_dir,
+                                  update_root_report, write_json_atomic)
 from data_modules.records import Record, Skip, check_caption, load_image, records_from_folder, records_from_manifest
-from lit_ovis.errors import ConfigError, DataError
+from lit_ovis.errors import ConfigError, DataError, OneLineArgumentParser
 
 # Config fields that change what one record turns into: part of every shard's cache key.
 RECORD_FIELDS = ("resolution", "min_side", "min_aspect", "max_aspect", "max_caption_chars", "vae", "text_encoder",
@@ -70,6 +71,9 @@ class PrepareConfig:
     seed: int = 0  # synthetic engine seed
     synthetic_size: int | None = None  # synthetic base side (default: resolution)
     write_buffer_mb: int = 1024  # RAM for the final write's open chunk buffers, shared by all buckets
+    caption_encoding: str = "utf-8"
+    """Encoding of sidecar captions and manifests without a byte-order mark (e.g. gb18030); text that is not
+    valid in it is skipped and counted (`caption_encoding`, `manifest_encoding`), never decoded lossily."""
 
     def check(self) -> None:
         if self.resolution < 16 or self.resolution % 16:
@@ -80,6 +84,10 @@ class PrepareConfig:
             raise ConfigError(f"--shard-size and --batch-size must be >= 1 (got {self.shard_size}, {self.batch_size})")
         if not 0 < self.min_aspect <= 1 <= self.max_aspect:
             raise ConfigError(f"--min-aspect/--max-aspect must satisfy 0 < min <= 1 <= max (got {self.min_aspect}, {self.max_aspect})")
+        try:
+            codecs.lookup(self.caption_encoding)
+        except LookupError:
+            raise ConfigError(f"--caption-encoding: unknown encoding '{self.caption_encoding}'; use e.g. utf-8, gb18030, latin-1") from None
 
 
 # ------------------------------------------------------------------------------------ per-record work
@@ -87,14 +95,17 @@ def _process(record: Record, cfg: PrepareConfig, buckets: list[tuple[int, int]])
     """Decode/render, validate, hash and crop one record. Returns (sample dict, None) or (None, reason)."""
     import imagehash
 
+    converted: list[str] = []
     try:
+        if record.skip:
+            raise Skip(record.skip)
         if record.synthetic_index is not None:
             engine = _engine(cfg)
             rendered = engine.render(record.synthetic_index)
             image, caption = rendered.image, rendered.caption
             language, target_text = rendered.language, rendered.text
         else:
-            image = load_image(record.path)
+            image = load_image(record.path, converted)
             caption, language, target_text = record.caption, record.language, record.target_text
         caption = check_caption(caption, cfg.max_caption_chars)
         if min(image.size) < cfg.min_side:
@@ -111,7 +122,7 @@ def _process(record: Record, cfg: PrepareConfig, buckets: list[tuple[int, int]])
         return None, skip.reason
     return {
         "id": record.id, "caption": caption, "language": language, "target_text": target_text,
-        "bucket": bucket, "phash": phash, "pixels": pixels,
+        "bucket": bucket, "phash": phash, "pixels": pixels, "converted": converted,
     }, None
 
 
@@ -179,7 +190,8 @@ def _record_identity(r: Record) -> list:
             stat = [st.st_size, st.st_mtime_ns]  # an edited image file gets a new key
         except OSError:
             pass
-    return [r.id, r.caption, r.path, r.language, r.target_text, r.synthetic_index, *stat]
+    skip = [r.skip] if r.skip else []  # only when set: keys of ordinary records stay as they were
+    return [r.id, r.caption, r.path, r.language, r.target_text, r.synthetic_index, *stat, *skip]
 
 
 def _digest(obj) -> str:
@@ -212,6 +224,7 @@ def _run_shard(records: list[Record], cfg: PrepareConfig, buckets, encoders: Enc
     results = list(pool.map(_process_star, jobs, chunksize=4)) if pool is not None else [_process_star(j) for j in jobs]
     skipped = Counter(reason for _, reason in results if reason)
     kept = [s for s, _ in results if s is not None]
+    converted = Counter(c for s in kept for c in s["converted"])
     by_bucket: dict[tuple, list[dict]] = {}
     for s in kept:
         by_bucket.setdefault(s["bucket"], []).append(s)
@@ -220,12 +233,17 @@ def _run_shard(records: list[Record], cfg: PrepareConfig, buckets, encoders: Enc
         latents = encoders.encode_images([s["pixels"] for s in group])
         embeds = encoders.encode_texts([s["caption"] for s in group]) if encoders.text_encoder is not None else [None] * len(group)
         for s, z, e in zip(group, latents, embeds):
-            s = {k: v for k, v in s.items() if k != "pixels"}
+            # Every stored tensor is finite (an overflow in fp16 storage, a VAE/encoder NaN): else skip it here.
+            bad = next((name for name, t in (("latents", z), ("prompt_embeds", e)) if t is not None and not torch.isfinite(t).all()), None)
+            if bad:
+                skipped[f"non_finite_{bad}"] += 1
+                continue
+            s = {k: v for k, v in s.items() if k not in ("pixels", "converted")}
             s["latents"], s["prompt_embeds"] = z, e
             samples.append(s)
     order = {r.id: i for i, r in enumerate(records)}
     samples.sort(key=lambda s: order[s["id"]])  # deterministic order independent of bucket grouping
-    return {"samples": samples, "skipped": dict(skipped), "inputs": len(records)}
+    return {"samples": samples, "skipped": dict(skipped), "inputs": len(records), "converted": dict(converted)}
 
 
 def _chunk_bytes(cfg: PrepareConfig, n_buckets: int) -> int:
@@ -248,6 +266,7 @@ class _BucketWriters:
         self.writers: dict = {}
         self.sizes: Counter = Counter()
         self.skipped: Counter = Counter()
+        self.converted: Counter = Counter()
         self.inputs = 0
 
     def add_shard(self, path: Path) -> None:
@@ -255,6 +274,7 @@ class _BucketWriters:
         shard = torch.load(path, weights_only=True, mmap=True)
         self.inputs += shard["inputs"]
         self.skipped.update(shard["skipped"])
+        self.converted.update(shard.get("converted", {}))
         for s in shard["samples"]:
             if self.index is not None and s["phash"] is not None and not self.index.add(s["phash"]):
                 self.skipped["duplicate"] += 1
@@ -262,11 +282,9 @@ class _BucketWriters:
                 self._write(s)
 
     def _write(self, s: dict) -> None:
-        from litdata.streaming.writer import BinaryWriter
-
         name = bucket_name(s["bucket"])
         if name not in self.writers:
-            self.writers[name] = BinaryWriter(str(self.root / name), chunk_bytes=self.chunk_bytes)
+            self.writers[name] = bucket_writer(self.root / name, self.chunk_bytes)
         item = {"id": s["id"], "caption": s["caption"], "language": s["language"], "target_text": s["target_text"], "latents": s["latents"]}
         if s["prompt_embeds"] is not None:
             item["prompt_embeds"] = s["prompt_embeds"]
@@ -277,7 +295,7 @@ class _BucketWriters:
         for writer in self.writers.values():
             writer.done()
             writer.merge()
-        return {"inputs": self.inputs, "skipped": self.skipped, "buckets": dict(sorted(self.sizes.items())),
+        return {"inputs": self.inputs, "skipped": self.skipped, "converted": self.converted, "buckets": dict(sorted(self.sizes.items())),
                 "dedup_comparisons": self.index.comparisons if self.index is not None else 0}
 
 
@@ -334,6 +352,7 @@ def prepare(records: list[Record], cfg: PrepareConfig, progress: bool = True) ->
         "inputs": written["inputs"],
         "kept": sum(written["buckets"].values()),
         "skipped": dict(sorted(skipped.items())),
+        "converted": dict(sorted(written["converted"].items())),
         "buckets": written["buckets"],
         "has_prompt_embeds": bool(cfg.text_encoder),
         "fingerprint": fingerprint,
@@ -358,7 +377,7 @@ def prepare(records: list[Record], cfg: PrepareConfig, progress: bool = True) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lit-ovis prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="lit-ovis prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image-dir", help="folder of images with sidecar .txt captions")
     src.add_argument("--manifest", help="JSONL or CSV with path, caption[, language, caption_zh, target_text]")
@@ -376,17 +395,18 @@ def main(argv: list[str] | None = None) -> int:
     values = {k.replace("-", "_"): v for k, v in vars(args).items()}
     cfg = PrepareConfig(**{k: values[k] for k in asdict(PrepareConfig(output_dir="")) if k in values})
     try:
+        cfg.check()  # before reading inputs: --caption-encoding decides how captions are read
         if args.synthetic is not None:
             records = synthetic_records(args.synthetic)
         elif args.image_dir:
-            records = records_from_folder(args.image_dir)
+            records = records_from_folder(args.image_dir, cfg.caption_encoding)
         else:
-            records = records_from_manifest(args.manifest)
+            records = records_from_manifest(args.manifest, cfg.caption_encoding)
         report = prepare(records, cfg)
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, OSError) as err:  # OSError: an unwritable output folder, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: report[k] for k in ("resolution", "inputs", "kept", "skipped", "buckets")}, ensure_ascii=False))
+    print(json.dumps({k: report[k] for k in ("resolution", "inputs", "kept", "skipped", "converted", "buckets")}, ensure_ascii=False))
     return 0
 
 

@@ -78,9 +78,6 @@ class PromptDataModule(LatentDataModule):
         self.prompt_file, self.zh_fraction, self.limit = prompt_file, zh_fraction, limit
         self.n_synthetic = default_synthetic_prompts(prompt_file, synthetic_prompts)
 
-    def prepare_data(self) -> None:
-        pass
-
     def load_items(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         if self.prompt_file:

@@ -1,24 +1,42 @@
 """Reading and validating raw inputs: image folders with sidecar captions, JSONL/CSV manifests.
 
 Every failure is a named skip reason (counted in the prepare report), never an exception that stops a
-long job.
+long job: a bad manifest row or caption becomes a `Record` with `skip` set, a bad image raises `Skip`
+when it is decoded. Only a manifest that cannot be a manifest at all (missing, no `path` column, not a
+single JSON line) is a one-line DataError.
+
+Text encodings are handled deliberately, never with replacement characters: a byte-order mark decides
+(UTF-8/16/32), otherwise the bytes must be valid in the configured encoding (UTF-8 unless
+`--caption-encoding` says e.g. gb18030); undecodable captions or manifest lines are skipped and counted
+(`caption_encoding`, `manifest_encoding`), and captions that already carry U+FFFD (replaced upstream) or
+control characters are skipped too.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+import os
+import stat
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from lit_ovis.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+CAPTION_SUFFIX = ".txt"
 Image.MAX_IMAGE_PIXELS = 1 << 28  # refuse decompression bombs beyond ~268 MP
+CAPTION_MAX_BYTES = 1 << 20  # a sidecar caption file beyond 1 MiB is not a caption (and is never read whole)
+# Byte-order marks, longest first (the UTF-32 LE mark starts with the UTF-16 LE one).
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass
@@ -29,6 +47,7 @@ class Record:
     language: str = "en"
     target_text: str = ""
     synthetic_index: int | None = None
+    skip: str | None = None  # a reason known before decoding (bad manifest row, undecodable caption)
 
 
 class Skip(Exception):
@@ -39,90 +58,240 @@ class Skip(Exception):
         self.reason = reason
 
 
-def records_from_folder(folder: str | Path) -> list[Record]:
+def decode_text(data: bytes, encoding: str = "utf-8") -> str | None:
+    """`data` as text: a byte-order mark picks UTF-8/16/32, otherwise `encoding`, strictly. None when the
+    bytes are not valid in that encoding (the caller skips and counts; nothing is replaced)."""
+    codec = next((name for bom, name in BOMS if data.startswith(bom)), encoding)
+    try:
+        return data.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        return None
+
+
+def _regular_file(path: Path) -> bool:
+    """True for a regular file (after symlinks): a FIFO or device named like an image would block or never end."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_caption(path: Path, encoding: str = "utf-8") -> tuple[str, str | None]:
+    """(caption, skip reason or None) of a sidecar caption file."""
+    if not path.exists():
+        return "", "missing_caption"
+    if not _regular_file(path):
+        return "", "caption_unreadable"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(CAPTION_MAX_BYTES + 1)
+    except OSError:
+        return "", "caption_unreadable"
+    if len(data) > CAPTION_MAX_BYTES:
+        return "", "long_caption"
+    text = decode_text(data, encoding)
+    return ("", "caption_encoding") if text is None else (text.strip(), None)
+
+
+def records_from_folder(folder: str | Path, encoding: str = "utf-8") -> list[Record]:
+    """Every image under `folder` with its sidecar `<name>.txt` caption; other files (not hidden, not
+    captions) are counted as `not_an_image` so nothing in the folder is ignored silently."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found; pass --image-dir with images and sidecar .txt captions")
+        raise DataError(f"--image-dir {folder}: folder not found; pass a folder of images with sidecar .txt captions")
     out = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else None
-        out.append(Record(id=str(path.relative_to(folder)), caption=caption if caption is not None else "\0missing", path=str(path)))
+    for path in sorted(p for p in folder.rglob("*") if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+        rel = str(path.relative_to(folder))
+        suffix = path.suffix.lower()
+        if suffix == CAPTION_SUFFIX:
+            continue
+        if suffix not in IMAGE_SUFFIXES:
+            out.append(Record(id=rel, caption="", path=str(path), skip="not_an_image"))
+            continue
+        caption, skip = read_caption(path.with_suffix(CAPTION_SUFFIX), encoding)
+        out.append(Record(id=rel, caption=caption, path=str(path), skip=skip))
     return out
 
 
-def records_from_manifest(manifest: str | Path) -> list[Record]:
-    """JSONL or CSV with columns path, caption, optional language / caption_zh / target_text."""
+def _manifest_lines(manifest: Path, encoding: str) -> Iterator[tuple[int, str | None]]:
+    """(line number, text or None when undecodable), streamed: a manifest is never read whole."""
+    with open(manifest, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if any(head.startswith(bom) for bom, name in BOMS if name != "utf-8-sig"):
+            # UTF-16/32: lines are not split on b"\n"; such files are decoded whole, and must decode.
+            text = decode_text(f.read(), encoding)
+            if text is None:
+                raise DataError(f"{manifest}: starts with a UTF-16/32 byte-order mark but is not valid in that encoding; re-save it as UTF-8")
+            yield from enumerate(text.splitlines(keepends=True), 1)
+            return
+        for n, raw in enumerate(f, 1):
+            yield n, decode_text(raw, encoding)
+
+
+def _row_record(i: int, row, base: Path) -> Record:
+    """A manifest row as a Record; a row that cannot be one keeps its reason in `skip`."""
+    rid = f"{i:08d}:"
+    if not isinstance(row, dict):
+        return Record(id=rid, caption="", skip="manifest_bad_row")
+    path = row.get("path")
+    if not isinstance(path, str) or not path.strip():
+        return Record(id=rid, caption="", skip="missing_path")
+    rid += path
+    language = row.get("language") or "en"
+    caption, caption_zh, target = row.get("caption"), row.get("caption_zh"), row.get("target_text") or ""
+    if not all(isinstance(v, str) for v in (language, target)) or not isinstance(caption_zh, (str, type(None))):
+        return Record(id=rid, caption="", skip="manifest_bad_row")
+    if language == "zh" and caption_zh:
+        caption = caption_zh
+    full = Path(path) if Path(path).is_absolute() else base / path
+    skip = "missing_caption" if caption is None else None if isinstance(caption, str) else "caption_not_text"
+    return Record(id=rid, caption=caption if isinstance(caption, str) else "", path=str(full), language=language, target_text=target, skip=skip)
+
+
+def records_from_manifest(manifest: str | Path, encoding: str = "utf-8") -> list[Record]:
+    """JSONL or CSV with columns path, caption, optional language / caption_zh / target_text. Bad rows
+    (undecodable, not JSON, not an object, no usable path, a non-string caption) are skipped and counted."""
     manifest = Path(manifest)
     if not manifest.exists():
-        raise DataError(f"{manifest}: manifest not found; pass --manifest with a .jsonl or .csv (path, caption[, language])")
+        raise DataError(f"--manifest {manifest}: not found; pass a .jsonl or .csv with path, caption[, language]")
+    if not _regular_file(manifest):
+        raise DataError(f"--manifest {manifest}: not a regular file; pass a .jsonl or .csv with path, caption[, language]")
     base = manifest.parent
-    rows: list[dict] = []
-    if manifest.suffix == ".csv":
-        with open(manifest, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+    out: list[Record] = []
+    if manifest.suffix.lower() == ".csv":
+        lines = _manifest_lines(manifest, encoding)
+        bad_lines: list[int] = []
+
+        def decoded():  # undecodable lines are counted, not fed to the CSV reader
+            for n, text in lines:
+                if text is None:
+                    bad_lines.append(n)
+                else:
+                    yield text
+
+        reader = csv.reader(decoded())
+        header = next(reader, None)
+        if not header or "path" not in [h.strip().lstrip("\ufeff") for h in header]:
+            raise DataError(f"{manifest}: the CSV header {header} has no 'path' column; required columns are path, caption")
+        header = [h.strip().lstrip("\ufeff") for h in header]
+        i = 0
+        while True:
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{manifest}:{n}: not valid JSON; each line must be an object with 'path' and 'caption'") from None
-    out = []
-    for i, row in enumerate(rows):
-        if "path" not in row:
-            raise DataError(f"{manifest}: row {i + 1} has no 'path' column; required columns are path, caption")
-        path = Path(row["path"])
-        path = path if path.is_absolute() else base / path
-        language = row.get("language") or "en"
-        caption = row.get("caption") or ""
-        if language == "zh" and row.get("caption_zh"):
-            caption = row["caption_zh"]
-        out.append(Record(id=f"{i:08d}:{row['path']}", caption=caption, path=str(path), language=language, target_text=row.get("target_text") or ""))
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:  # e.g. a field beyond the csv module's size limit: this row only
+                out.append(Record(id=f"{i:08d}:", caption="", skip="manifest_bad_row"))
+                i += 1
+                continue
+            while bad_lines:
+                out.append(Record(id=f"{i:08d}:", caption="", skip="manifest_encoding"))
+                bad_lines.pop()
+                i += 1
+            if not values:
+                continue
+            out.append(_row_record(i, dict(zip(header, values)), base))
+            i += 1
+        out += [Record(id=f"{i + k:08d}:", caption="", skip="manifest_encoding") for k in range(len(bad_lines))]
+        return out
+    parsed = 0
+    for i, (n, text) in enumerate((n, t) for n, t in _manifest_lines(manifest, encoding) if t is None or t.strip()):
+        if text is None:
+            out.append(Record(id=f"{i:08d}:", caption="", skip="manifest_encoding"))
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            out.append(Record(id=f"{i:08d}:", caption="", skip="manifest_bad_json"))
+            continue
+        parsed += 1
+        out.append(_row_record(i, row, base))
+    if out and not parsed:
+        raise DataError(f"{manifest}: no line is JSON; a .jsonl manifest has one object per line with 'path' and 'caption' (use a .csv name for CSV)")
     return out
 
 
-def load_image(path: str) -> Image.Image:
+def load_image(path: str, conversions: list[str] | None = None) -> Image.Image:
     """Decode fully (catches truncation), apply the EXIF orientation (phone photos are stored sideways),
-    and normalise to 8-bit RGB (CMYK, alpha, palette, 16-bit)."""
+    and normalise to 8-bit RGB (CMYK, alpha, palette, 16-bit, float). Each conversion made is appended to
+    `conversions` (counted in the prepare report); anything unusable raises Skip with its reason."""
+    if path is None:
+        raise Skip("missing_path")
+    if not os.path.lexists(path):
+        raise Skip("missing_file")
+    if not _regular_file(Path(path)):
+        raise Skip("not_a_file")  # a FIFO, device or directory named like an image: reading it could block
+    done = conversions if conversions is not None else []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             img = Image.open(path)
             img.load()
-    except FileNotFoundError:
-        raise Skip("missing_file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise Skip("too_large") from None
+    except PermissionError:
+        raise Skip("unreadable_file") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise Skip("corrupt") from None
-    img = _apply_exif_orientation(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        arr = (arr - arr.min()) / max(float(np.ptp(arr)), 1.0) * 255.0
-        img = Image.fromarray(arr.astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        img = background
-    return img.convert("RGB")
-
-
-def _apply_exif_orientation(img: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(img)
+        return _to_rgb(img, done)
+    except Skip:
+        raise
+    except Exception:  # noqa: BLE001 - a decodable file whose pixels cannot be converted is still corrupt
+        raise Skip("corrupt") from None
+
+
+def _to_rgb(img: Image.Image, done: list[str]) -> Image.Image:
+    img = _apply_exif_orientation(img, done)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Deep (16/32-bit integer, float) grey: stretch its range to 8 bits in float32 (half the memory of
+        # float64; bombs are refused above) instead of letting convert() clip everything to white.
+        arr = np.array(img, dtype=np.float32)  # a writable copy: scaled in place below
+        if not np.isfinite(arr).all():
+            raise Skip("corrupt")
+        low, span = float(arr.min()), float(np.ptp(arr))
+        arr -= low
+        arr *= 255.0 / max(span, 1.0)
+        img = Image.fromarray(arr.astype(np.uint8), "L")
+        done.append("deep_grey")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+        done.append("palette")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.split()[-1])
+        img = background
+        done.append("alpha")
+    if img.mode != "RGB":
+        done.append(img.mode.lower())  # cmyk, l, 1, ycbcr, lab, hsv, ...
+        img = img.convert("RGB")
+    return img
+
+
+def _apply_exif_orientation(img: Image.Image, done: list[str]) -> Image.Image:
+    try:
+        if img.getexif().get(0x0112, 1) in (1, None):  # upright: no transposed copy of a large image
+            return img
+        rotated = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a malformed EXIF block does not make the pixels unusable
         return img
+    done.append("exif_rotated")
+    return rotated
 
 
-def check_caption(caption: str, max_chars: int) -> str:
-    if caption == "\0missing":
-        raise Skip("missing_caption")
+def check_caption(caption, max_chars: int) -> str:
+    """The caption as trained on (whitespace runs collapsed), or Skip: not text, control characters or
+    U+FFFD (text already damaged by a lossy decode upstream), empty, too long."""
+    if not isinstance(caption, str):
+        raise Skip("caption_not_text")
+    if "\ufffd" in caption:
+        raise Skip("caption_replacement_char")
     caption = " ".join(caption.split())
+    if any(unicodedata.category(c) == "Cc" for c in caption):
+        raise Skip("caption_control_chars")
     if not caption:
         raise Skip("empty_caption")
     if len(caption) > max_chars:

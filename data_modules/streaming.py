@@ -18,10 +18,18 @@ batches round-robin to its ranks: no sample repeated or skipped.
 Epochs advance when an iteration starts after the previous one handed out its last batch (Lightning
 stops reading at len() and never exhausts the iterator), so every epoch gets its own shuffle.
 
-Corrupt records (unreadable, missing latents, wrong shape, non-finite values) are replaced by the next
-readable record of the same bucket (same split; that sample then appears twice in the epoch) and
-counted (`corrupt_skipped` in the state), so every batch keeps its size and shape and every rank runs
-the same number of steps (FSDP collectives stay in lockstep).
+Damaged chunk files (shorter than their index says, or missing) are found once, in setup, by comparing
+file sizes with each bucket's index (data_modules/chunks.py): the records past the cut leave the plan
+(reported once per chunk), the intact ones before it are still read. Corrupt records met while reading
+(unreadable, missing fields, a latent of the wrong shape, NaN/Inf in any stored tensor, latents or
+prompt_embeds) are replaced by the next readable record of the same bucket (same split; that sample then
+appears twice in the epoch) and counted by reason (`corrupt_skipped`, `corrupt_by_reason` in the state;
+the first of each reason and a summary at the end of the run are logged), so every batch keeps its size
+and shape and every rank runs the same number of steps (FSDP collectives stay in lockstep).
+
+A synthetic dataset (the demo) is built by global rank 0 alone, in setup; the other ranks wait for its
+result at most `build_timeout_s` and then fail with one line naming what they waited for. DataLoader
+workers that produce no batch for `worker_timeout_s` fail the same way.
 
 Validation: `val_samples_per_bucket` holds out a fixed, seeded set of samples per bucket (never in the
 training plan), or `val_root` names a separately prepared dataset. Served in a fixed order, every sample
@@ -37,10 +45,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import os
 import random
+from collections import Counter
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -48,8 +59,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data_modules.chunks import ChunkDamage, ChunkSalvage, scan_chunks
 from data_modules.layout import BUCKET_DIR, REPORT, report_buckets
-from lit_ovis.errors import ConfigError, DataError
+from lit_ovis.errors import ConfigError, DataError, user_message
+
+log = logging.getLogger(__name__)
 
 REMOTE = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://")
 LATENT_KEYS = ("latents", "latents_w", "latents_l")
@@ -242,13 +256,17 @@ class BucketedLatents(Dataset):
     """Random access over several LitData bucket datasets; opened lazily in each worker.
 
     `pools[b]` lists the indices of bucket `b` this split may use; a corrupt record is replaced by the
-    next readable one of its pool (deterministic) and the item is flagged `_corrupt`."""
+    next readable one of its pool (deterministic) and the item carries `_corrupt` = (reason, where).
+    `damage[b]` lists bucket `b`'s short chunks (data_modules.chunks): their intact records are read from
+    the file directly, never through LitData's wait for the full chunk."""
 
-    def __init__(self, bucket_dirs: list[str], pools: Sequence[int | Pool] | None = None):
+    def __init__(self, bucket_dirs: list[str], pools: Sequence[int | Pool] | None = None, damage: list[list[ChunkDamage]] | None = None):
         self.bucket_dirs = bucket_dirs
         self.pools = _pools(pools) if pools is not None else None
         self.shapes = [latent_shape(d) for d in bucket_dirs]
+        self.damage = damage if damage is not None else [[] for _ in bucket_dirs]
         self._datasets = None
+        self._salvage: list[ChunkSalvage] | None = None
 
     def _open(self):
         if self._datasets is None:
@@ -260,48 +278,59 @@ class BucketedLatents(Dataset):
     def __len__(self) -> int:
         return sum(len(d) for d in self._open())
 
-    def _read(self, b: int, i: int) -> dict[str, Any] | None:
+    def _fetch(self, b: int, i: int) -> Any:
+        if self._salvage is None:
+            self._salvage = [ChunkSalvage(d, dmg) for d, dmg in zip(self.bucket_dirs, self.damage)]
+        if self._salvage[b].covers(i):
+            return self._salvage[b].read(i)  # None past the cut
+        return self._open()[b][i]
+
+    def _read(self, b: int, i: int) -> tuple[dict[str, Any] | None, str | None]:
+        """(record, None), or (None, why it cannot be used)."""
         try:
-            item = self._open()[b][i]
+            item = self._fetch(b, i)
         except Exception:  # noqa: BLE001 - an unreadable chunk or record is replaced and counted, not fatal
-            return None
-        if not isinstance(item, dict) or not isinstance(item.get("caption"), str):
-            return None
-        keys = [k for k in LATENT_KEYS if k in item]
-        for k in keys:
-            z = item[k]
-            if not isinstance(z, torch.Tensor) or (self.shapes[b] is not None and tuple(z.shape) != self.shapes[b]):
-                return None
+            return None, "unreadable"
+        if item is None:
+            return None, "truncated_chunk"
+        if not isinstance(item, dict) or not isinstance(item.get("caption"), str) or not any(k in item for k in LATENT_KEYS):
+            return None, "missing_fields"
+        for key, value in item.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if key in LATENT_KEYS and self.shapes[b] is not None and tuple(value.shape) != self.shapes[b]:
+                return None, f"wrong_shape:{key}"
+            if key == "prompt_embeds" and value.ndim != 2:
+                return None, f"wrong_shape:{key}"
             # collate needs float32 anyway; one sum is far cheaper than an elementwise isfinite on fp16
             # on CPU, and any NaN/Inf makes it non-finite (fp16 values cannot overflow a float32 sum).
-            item[k] = z = z.float()
-            if not torch.isfinite(z.sum()):
-                return None
-        return item if keys else None
+            item[key] = value = value.float()
+            if not torch.isfinite(value.sum()):
+                return None, f"non_finite:{key}"
+        return item, None
 
     def _substitute(self, b: int, i: int) -> dict[str, Any]:
         pool = self.pools[b] if self.pools is not None else range(len(self._open()[b]))
         start = bisect.bisect_right(pool, i)
         for k in range(len(pool)):
             j = pool[(start + k) % len(pool)]
-            if j != i and (item := self._read(b, j)) is not None:
+            if j != i and (item := self._read(b, j)[0]) is not None:
                 return item
         raise DataError(f"{self.bucket_dirs[b]}: no readable record left in this bucket; re-run `lit-ovis prepare` for it")
 
     def __getitem__(self, key: tuple[int, int, int, int, int]) -> dict[str, Any]:
         epoch, consumed, steps, b, i = key
-        item = self._read(b, i)
-        corrupt = item is None
-        if corrupt:
+        item, reason = self._read(b, i)
+        if item is None:
             item = self._substitute(b, i)
-        item["_corrupt"] = int(corrupt)
+        item["_corrupt"] = (reason, f"{bucket_key(self.bucket_dirs[b])}#{i}") if reason else None
         if epoch != VAL_EPOCH:
             item["_progress"] = (epoch, consumed, steps)
         return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"corrupt": sum(int(x.get("_corrupt", 0)) for x in items)}
+    out: dict[str, Any] = {"corrupt": [x["_corrupt"] for x in items if x.get("_corrupt")]}
     if "_progress" in items[0]:
         out["_progress"] = items[0]["_progress"]
     for key in LATENT_KEYS:
@@ -323,11 +352,68 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- module
+def build_on_rank0(build: Callable[[], Any], what: str, timeout_s: float, option: str = "--data.build_timeout_s") -> None:
+    """Run `build` on global rank 0 alone while the other ranks wait for its outcome, at most `timeout_s`.
+
+    Without torch.distributed (or with one process) it simply runs `build`. Rank 0 broadcasts success or
+    its one-line error over a gloo group whose timeout is `timeout_s`, so a failed build fails every rank
+    at once and a build that never ends fails the waiting ranks with one line naming what they waited for."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        build()
+        return
+    rank = dist.get_rank()
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    outcome: list[str | None] = [None]
+    failure: BaseException | None = None
+    try:
+        if rank == 0:
+            try:
+                build()
+            except Exception as err:  # noqa: BLE001 - every rank must learn of it before rank 0 re-raises
+                failure = err
+                outcome[0] = user_message(err) or f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        try:
+            dist.broadcast_object_list(outcome, src=0, group=group)
+        except RuntimeError as err:
+            if failure is not None:
+                raise failure from None
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"rank {rank} waited up to {timeout_s:g} s for rank 0 to {what} and gave up ({detail[:200]}); "
+                            f"build it beforehand or raise {option}") from None
+    finally:
+        dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise DataError(f"rank 0 could not {what}: {outcome[0]}")
+
+
 class LatentDataModule(L.LightningDataModule):
     """Prepared latents (optionally with text embeddings), batched per bucket, resumable mid-epoch at any
     world size, with an optional validation split.
 
     `synthetic_samples > 0` builds a synthetic text-rendering dataset in `root` on first use (the demo).
+
+    Args:
+        root: prepared dataset root (`lit-ovis prepare --output-dir`), local or a URL LitData streams from.
+        batch_size: samples per batch and rank; every batch holds one aspect-ratio bucket.
+        num_workers: DataLoader worker processes per rank.
+        seed: seed of the batch plan (shuffle, validation hold-out).
+        resolutions: prepared resolutions to train on (default: all in root).
+        synthetic_samples: > 0 builds that many synthetic text-rendering samples in root on first use.
+        synthetic_resolution: resolution of that synthetic set (a multiple of 16).
+        text_encoder: text encoder for the synthetic set's precomputed embeddings (None: captions only).
+        vae: VAE for the synthetic set's latents.
+        max_sequence_length: token length of the synthetic set's text embeddings.
+        val_samples_per_bucket: samples per bucket held out of training for validation.
+        val_root: a separately prepared validation dataset (instead of a hold-out).
+        val_batch_size: validation batch size (default: batch_size).
+        build_timeout_s: how long the other ranks wait for rank 0 to build the synthetic set before they
+            fail with one line (build big sets beforehand with `lit-ovis prepare`).
+        worker_timeout_s: a DataLoader worker that produces no batch for this long fails the run with one
+            line (unreachable storage, a stuck read); 0 waits forever.
     """
 
     def __init__(
@@ -345,6 +431,8 @@ class LatentDataModule(L.LightningDataModule):
         val_samples_per_bucket: int = 0,
         val_root: str | None = None,
         val_batch_size: int | None = None,
+        build_timeout_s: float = 3600.0,
+        worker_timeout_s: float = 600.0,
     ):
         super().__init__()
         if batch_size < 1:
@@ -358,6 +446,7 @@ class LatentDataModule(L.LightningDataModule):
         self.synthetic = dict(samples=synthetic_samples, resolution=synthetic_resolution, text_encoder=text_encoder, vae=vae, max_sequence_length=max_sequence_length)
         self.val_samples_per_bucket, self.val_root = val_samples_per_bucket, val_root
         self.val_batch_size = val_batch_size or batch_size
+        self.build_timeout_s, self.worker_timeout_s = build_timeout_s, worker_timeout_s
         self.sampler: BucketBatchSampler | None = None
         self.plan_id = ""
         self.val_dataset: BucketedLatents | None = None
@@ -365,10 +454,21 @@ class LatentDataModule(L.LightningDataModule):
         self._resume: dict | None = None
         self.consumed = {"epoch": 0, "consumed": 0, "steps": 0}
         self.corrupt_skipped = 0
+        self.corrupt_by_reason: Counter = Counter()
+        self.damaged_records = 0  # records lost to damaged chunks, found in setup (not in the plan)
 
-    def prepare_data(self) -> None:
+    def synthetic_builder(self) -> Callable[[], Any] | None:
+        """What builds this module's synthetic dataset, or None when it reads prepared data only."""
         if self.synthetic["samples"] > 0:
-            ensure_synthetic_dataset(self.root, **self.synthetic)
+            return lambda: ensure_synthetic_dataset(self.root, **self.synthetic)
+        return None
+
+    def build_data(self) -> None:
+        """Build the synthetic dataset, on rank 0 alone (see `build_on_rank0`); a no-op once it is there.
+        Not Lightning's `prepare_data`: Lightning makes the other ranks wait for that without a timeout."""
+        build = self.synthetic_builder()
+        if build is not None:
+            build_on_rank0(build, f"build the synthetic dataset in {self.root}", self.build_timeout_s)
 
     def _resolutions(self) -> list[int] | None:
         # A synthetic root serves the resolution it is built at, not leftovers of another demo setting.
@@ -382,22 +482,41 @@ class LatentDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return 0, 1
 
+    def _scan_damage(self, dirs: list[str], rank: int) -> list[list[ChunkDamage]]:
+        """Each bucket's damaged chunks, reported once (rank 0) and counted in `damaged_records`."""
+        damage = [scan_chunks(d) for d in dirs]
+        self.damaged_records = sum(c.lost for dmg in damage for c in dmg)
+        if rank == 0:
+            for d, dmg in zip(dirs, damage):
+                for chunk in dmg:
+                    log.warning("data: %s", chunk.describe(d))
+        return damage
+
     def setup(self, stage: str) -> None:
         rank, world = self._rank_world()
+        self.build_data()
         dirs = discover_buckets(self.root, self._resolutions())
         sizes = bucket_sizes(dirs)
         keys = [bucket_key(d) for d in dirs]
+        damage = self._scan_damage(dirs, rank)
         train_pools, val_pools = holdout(keys, sizes, self.val_samples_per_bucket, self.seed)
-        self.dataset = BucketedLatents(dirs, train_pools)
+        # Records past the cut of a damaged chunk never enter a plan (no per-read wait, no substitutes).
+        lost = [{i for c in dmg for i in range(c.first + c.intact, c.first + c.count)} for dmg in damage]
+        train_pools = [[i for i in pool if i not in gone] for pool, gone in zip(train_pools, lost)]
+        val_pools = [[i for i in pool if i not in gone] for pool, gone in zip(val_pools, lost)]
+        self.dataset = BucketedLatents(dirs, train_pools, damage)
         self.sampler = BucketBatchSampler(train_pools, self.batch_size, self.seed, rank, world)
         self.plan_id = plan_digest(keys, train_pools, self.batch_size, self.seed)
         if stage == "fit" and self.sampler.remaining(0, 0) == 0:
             raise DataError(f"{self.root}: fewer training samples per bucket than --data.batch_size={self.batch_size} x {world} ranks; lower the batch size or prepare more data")
         if self.val_root:
             vdirs = discover_buckets(self.val_root, self._resolutions())
-            self.val_dataset = BucketedLatents(vdirs, bucket_sizes(vdirs))
+            vdamage = [scan_chunks(d) for d in vdirs]
+            vpools = [[i for i in range(n) if not any(c.first + c.intact <= i < c.first + c.count for c in dmg)]
+                      for n, dmg in zip(bucket_sizes(vdirs), vdamage)]
+            self.val_dataset = BucketedLatents(vdirs, vpools, vdamage)
         elif self.val_samples_per_bucket:
-            self.val_dataset = BucketedLatents(dirs, val_pools)
+            self.val_dataset = BucketedLatents(dirs, val_pools, damage)
         if self.val_dataset is not None:
             self.val_plan = lockstep_batches(self.val_dataset.pools, self.val_batch_size, world)
         self._apply_resume(self._resume if self._resume is not None else self.consumed)
@@ -425,10 +544,14 @@ class LatentDataModule(L.LightningDataModule):
         self.sampler.resume(epoch, consumed, steps)
         self.consumed = {"epoch": epoch, "consumed": consumed, "steps": steps}
 
+    def _worker_timeout(self) -> float:
+        # DataLoader's own timeout: a worker that produces nothing raises instead of hanging the run.
+        return float(self.worker_timeout_s) if self.num_workers > 0 and self.worker_timeout_s else 0.0
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate,
-            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+            persistent_workers=False, pin_memory=torch.cuda.is_available(), timeout=self._worker_timeout(),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -437,22 +560,35 @@ class LatentDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         sampler = FixedBatchSampler(self.val_plan, rank, world)
         return DataLoader(self.val_dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+                          persistent_workers=False, pin_memory=torch.cuda.is_available(), timeout=self._worker_timeout())
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if "_progress" in batch:
             epoch, consumed, steps = (int(v) for v in batch.pop("_progress"))
             self.consumed = {"epoch": epoch, "consumed": consumed, "steps": steps}
-        self.corrupt_skipped += int(batch.pop("corrupt", 0))
+        for reason, where in batch.pop("corrupt", None) or []:
+            self.corrupt_skipped += 1
+            self.corrupt_by_reason[reason] += 1
+            if self.corrupt_by_reason[reason] == 1:  # the first of each kind; the rest are summarised at the end
+                log.warning("data: record %s is corrupt (%s); replaced by the next readable record of its bucket, "
+                            "further ones are counted", where, reason)
         return batch
+
+    def teardown(self, stage: str) -> None:
+        if self.corrupt_skipped or self.damaged_records:
+            rank = self._rank_world()[0]
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.corrupt_by_reason.items())) or "none"
+            log.warning("data (rank %d): %d corrupt records replaced so far (%s); %d records of damaged chunks left out",
+                        rank, self.corrupt_skipped, reasons, self.damaged_records)
 
     def state_dict(self) -> dict[str, Any]:
         world = self.sampler.world_size if self.sampler is not None else 1
         return {**self.consumed, "world_size": world, "plan": self.plan_id, "seed": self.seed, "batch_size": self.batch_size,
-                "corrupt_skipped": self.corrupt_skipped}
+                "corrupt_skipped": self.corrupt_skipped, "corrupt_by_reason": dict(self.corrupt_by_reason)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.corrupt_skipped = int(state.get("corrupt_skipped", 0))
+        self.corrupt_by_reason = Counter(state.get("corrupt_by_reason", {}))
         self._resume = dict(state)
         if self.sampler is not None:  # Lightning restores after setup(); tests may load before it
             self._apply_resume(self._resume)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from data_modules.layout import atomic_write, swap_in, update_root_report
-from lit_ovis.errors import CheckpointError, ConfigError, DataError
+from lit_ovis.errors import CheckpointError, ConfigError, DataError, OneLineArgumentParser
 from lit_ovis.scoring.ensemble import ScorerEnsemble, combine, normalise, parse_weights
 
 REPORT = "report.json"
@@ -140,8 +140,10 @@ def build_ensemble(cfg: PairsConfig, scorers: dict[str, ScoreFn] | None = None) 
 def _load_item(rec, cfg: PairsConfig, buckets, engine_box: list):
     """A reference image cropped to its bucket (uint8 array) with caption / language / target text."""
     from data_modules.buckets import assign_bucket, resize_to_bucket
-    from data_modules.records import check_caption, load_image
+    from data_modules.records import Skip, check_caption, load_image
 
+    if rec.skip:  # a bad manifest row or undecodable caption, found while reading the inputs
+        raise Skip(rec.skip)
     if rec.synthetic_index is not None:
         if not engine_box:
             from data_modules.synthetic.engine import TextRenderingEngine
@@ -347,7 +349,7 @@ def _finish(out: Path, work: Path, shards: dict[str, dict], ensemble: ScorerEnse
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lit-ovis make-pairs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="lit-ovis make-pairs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image-dir", help="folder of reference images with sidecar .txt captions")
     src.add_argument("--manifest", help="JSONL or CSV with path, caption[, language, target_text]")
