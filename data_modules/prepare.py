@@ -29,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -405,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         report = prepare(records, cfg)
     except (DataError, ConfigError, OSError) as err:  # OSError: an unwritable output folder, a full disk
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BrokenProcessPool:
+        print(f"error: a decoding worker process died (killed by the system, e.g. out of memory on a huge image); "
+              f"finished shards are kept in {cfg.output_dir}/{WORK}: rerun, with --num-workers 1 to use less memory", file=sys.stderr)
         return 2
     print(json.dumps({k: report[k] for k in ("resolution", "inputs", "kept", "skipped", "converted", "buckets")}, ensure_ascii=False))
     return 0

@@ -122,7 +122,7 @@ def _manifest_lines(manifest: Path, encoding: str) -> Iterator[tuple[int, str | 
             # UTF-16/32: lines are not split on b"\n"; such files are decoded whole, and must decode.
             text = decode_text(f.read(), encoding)
             if text is None:
-                raise DataError(f"{manifest}: starts with a UTF-16/32 byte-order mark but is not valid in that encoding; re-save it as UTF-8")
+                raise DataError(f"--manifest {manifest}: starts with a UTF-16/32 byte-order mark but is not valid in that encoding; re-save it as UTF-8")
             yield from enumerate(text.splitlines(keepends=True), 1)
             return
         for n, raw in enumerate(f, 1):
@@ -173,7 +173,7 @@ def records_from_manifest(manifest: str | Path, encoding: str = "utf-8") -> list
         reader = csv.reader(decoded())
         header = next(reader, None)
         if not header or "path" not in [h.strip().lstrip("\ufeff") for h in header]:
-            raise DataError(f"{manifest}: the CSV header {header} has no 'path' column; required columns are path, caption")
+            raise DataError(f"--manifest {manifest}: the CSV header {header} has no 'path' column; required columns are path, caption")
         header = [h.strip().lstrip("\ufeff") for h in header]
         i = 0
         while True:
@@ -208,7 +208,7 @@ def records_from_manifest(manifest: str | Path, encoding: str = "utf-8") -> list
         parsed += 1
         out.append(_row_record(i, row, base))
     if out and not parsed:
-        raise DataError(f"{manifest}: no line is JSON; a .jsonl manifest has one object per line with 'path' and 'caption' (use a .csv name for CSV)")
+        raise DataError(f"--manifest {manifest}: no line is JSON; a .jsonl manifest has one object per line with 'path' and 'caption' (use a .csv name for CSV)")
     return out
 
 
@@ -243,9 +243,16 @@ def load_image(path: str, conversions: list[str] | None = None) -> Image.Image:
         raise Skip("corrupt") from None
 
 
+DEEP_GREY = ("I;16", "I;16B", "I;16L", "I", "F")
+# How a non-RGB image is counted in the report (`converted`): one kind per image, named after its mode.
+CONVERSION_KIND = {**{m: "deep_grey" for m in DEEP_GREY}, "P": "palette", "PA": "palette", "RGBA": "alpha", "LA": "alpha",
+                   "La": "alpha", "RGBa": "alpha", "L": "grey"}
+
+
 def _to_rgb(img: Image.Image, done: list[str]) -> Image.Image:
     img = _apply_exif_orientation(img, done)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    mode = img.mode
+    if mode in DEEP_GREY:
         # Deep (16/32-bit integer, float) grey: stretch its range to 8 bits in float32 (half the memory of
         # float64; bombs are refused above) instead of letting convert() clip everything to white.
         arr = np.array(img, dtype=np.float32)  # a writable copy: scaled in place below
@@ -255,20 +262,16 @@ def _to_rgb(img: Image.Image, done: list[str]) -> Image.Image:
         arr -= low
         arr *= 255.0 / max(span, 1.0)
         img = Image.fromarray(arr.astype(np.uint8), "L")
-        done.append("deep_grey")
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
-        done.append("palette")
     if img.mode in ("RGBA", "LA", "La", "RGBa"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGB", img.size, (255, 255, 255))
+        background = Image.new("RGB", img.size, (255, 255, 255))  # transparent areas become white
         background.paste(rgba, mask=rgba.split()[-1])
         img = background
-        done.append("alpha")
-    if img.mode != "RGB":
-        done.append(img.mode.lower())  # cmyk, l, 1, ycbcr, lab, hsv, ...
-        img = img.convert("RGB")
-    return img
+    if mode != "RGB":
+        done.append(CONVERSION_KIND.get(mode, mode.lower()))  # cmyk, 1, ycbcr, lab, hsv, ...
+    return img.convert("RGB")
 
 
 def _apply_exif_orientation(img: Image.Image, done: list[str]) -> Image.Image:

@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -379,8 +380,11 @@ def build_on_rank0(build: Callable[[], Any], what: str, timeout_s: float, option
         except RuntimeError as err:
             if failure is not None:
                 raise failure from None
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataError(f"rank {rank} waited up to {timeout_s:g} s for rank 0 to {what} and gave up ({detail[:200]}); "
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])[:120]  # gloo's source path
+            if rank == 0:
+                raise DataError(f"rank 0 managed to {what} but the other ranks had stopped waiting ({detail}); "
+                                f"build it beforehand or raise {option}") from None
+            raise DataError(f"rank {rank} waited up to {timeout_s:g} s for rank 0 to {what} and gave up ({detail}); "
                             f"build it beforehand or raise {option}") from None
     finally:
         dist.destroy_process_group(group)

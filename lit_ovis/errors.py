@@ -76,8 +76,10 @@ def user_message(err: BaseException) -> str | None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"{_trainer_option(first)}: Lightning refused the configuration: {first}"
     if isinstance(err, RuntimeError) and str(err).startswith(DATALOADER_TIMEOUT):
-        return (f"a data-loader worker produced no batch for {str(err)[len(DATALOADER_TIMEOUT):].strip()} "
-                "(--data.worker_timeout_s); check that the dataset's storage is reachable, or raise the timeout")
+        seconds = str(err)[len(DATALOADER_TIMEOUT):].split()[0]
+        seconds = f"{float(seconds):g}" if seconds.replace(".", "", 1).isdigit() else seconds
+        return (f"a data-loader worker produced no batch for {seconds} s (--data.worker_timeout_s); check that the "
+                "dataset's storage is reachable, or raise the timeout")
     return None
 
 

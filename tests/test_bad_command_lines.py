@@ -33,6 +33,8 @@ def test_the_table_has_at_least_25_command_lines():
 
 
 def run_in_process(command: str) -> tuple[int, list[str], float]:
+    import data_modules.streaming  # noqa: F401 - imported once up front: the clock measures the failure, not imports
+    import lit_ovis.modules.flow_matching  # noqa: F401
     from lit_ovis.__main__ import main as lit_ovis_main
     from lit_ovis.cli.lightning_cli import run
 
@@ -69,3 +71,25 @@ def test_what_a_user_sees_in_a_terminal(row):
     proc = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and error in lines and len(lines) <= 3, proc.stderr[-2000:]
+
+
+def test_user_message_finds_the_line_inside_wrappers():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lit_ovis.errors import ConfigError, DataError, user_message
+
+    try:  # what jsonargparse does with an error raised in a data-module constructor
+        try:
+            raise ConfigError("--data.val_samples_per_bucket must be >= 0 (got -1)")
+        except ConfigError as inner:
+            raise ValueError("Does not validate against any of the Union subtypes\nErrors:\n  - ...") from inner
+    except ValueError as wrapped:
+        assert user_message(wrapped) == "--data.val_samples_per_bucket must be >= 0 (got -1)"
+    worker = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                       '  File "x.py", line 1, in f\nlit_ovis.errors.DataError: data/x/64/64x64: no readable record left in this bucket')
+    assert user_message(worker) == "data/x/64/64x64: no readable record left in this bucket"
+    assert user_message(MisconfigurationException("`val_check_interval` (5) must be less than or equal to the number of the "
+                                                  "training batches (3).")).startswith("--trainer.val_check_interval: Lightning refused")
+    assert user_message(RuntimeError("DataLoader timed out after 7 seconds")).startswith(
+        "a data-loader worker produced no batch for 7 s (--data.worker_timeout_s)")
+    assert user_message(RuntimeError("a bug")) is None  # bugs keep their traceback
