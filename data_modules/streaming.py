@@ -512,7 +512,9 @@ class LatentDataModule(L.LightningDataModule):
         self.sampler = BucketBatchSampler(train_pools, self.batch_size, self.seed, rank, world)
         self.plan_id = plan_digest(keys, train_pools, self.batch_size, self.seed)
         if stage == "fit" and self.sampler.remaining(0, 0) == 0:
-            raise DataError(f"{self.root}: fewer training samples per bucket than --data.batch_size={self.batch_size} x {world} ranks; lower the batch size or prepare more data")
+            note = f" ({self.damaged_records} records of damaged chunks left out)" if self.damaged_records else ""
+            raise DataError(f"{self.root}: fewer training samples per bucket{note} than --data.batch_size={self.batch_size} x {world} ranks; "
+                            "lower the batch size or prepare more data")
         if self.val_root:
             vdirs = discover_buckets(self.val_root, self._resolutions())
             vdamage = [scan_chunks(d) for d in vdirs]

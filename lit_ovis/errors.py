@@ -72,8 +72,11 @@ def user_message(err: BaseException) -> str | None:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
     except ImportError:  # pragma: no cover - lightning is a hard dependency
         MisconfigurationException = ()  # noqa: N806
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
     if MisconfigurationException and isinstance(err, MisconfigurationException):
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"{_trainer_option(first)}: Lightning refused the configuration: {first}"
+    if isinstance(err, (ValueError, TypeError)) and _raised_in_lightning(err) and _trainer_option(first) != "--trainer":
+        # Lightning checks some Trainer arguments only once the data is known (e.g. val_check_interval).
         return f"{_trainer_option(first)}: Lightning refused the configuration: {first}"
     if isinstance(err, RuntimeError) and str(err).startswith(DATALOADER_TIMEOUT):
         seconds = str(err)[len(DATALOADER_TIMEOUT):].split()[0]
@@ -83,15 +86,24 @@ def user_message(err: BaseException) -> str | None:
     return None
 
 
+def _raised_in_lightning(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/lightning/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
+
+
 def _trainer_option(message: str) -> str:
-    """`--trainer.<arg>` for the first Trainer argument Lightning quotes in `message` (`max_steps`), else `--trainer`."""
+    """`--trainer.<arg>` for the first Trainer argument Lightning names in `message` (quoted like `max_steps`
+    first, else a bare snake_case name like limit_train_batches), else `--trainer`."""
     import inspect
     import re
 
     from lightning.pytorch import Trainer
 
     params = inspect.signature(Trainer.__init__).parameters
-    named = [w for w in re.findall(r"`(\w+)", message) if w in params]
+    quoted = [w for w in re.findall(r"`(\w+)", message) if w in params]
+    named = quoted or [w for w in re.findall(r"\b[a-z]+(?:_[a-z]+)+\b", message) if w in params]
     return f"--trainer.{named[0]}" if named else "--trainer"
 
 

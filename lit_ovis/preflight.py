@@ -107,10 +107,15 @@ RANGES: dict[str, Range] = {
     "trainer.num_sanity_val_steps": Range(-1),
     "trainer.gradient_clip_val": NON_NEGATIVE,
     "trainer.num_nodes": AT_LEAST_1,
+    "trainer.val_check_interval": NON_NEGATIVE,
     "trainer.limit_train_batches": NON_NEGATIVE,
     "trainer.limit_val_batches": NON_NEGATIVE,
     "trainer.limit_predict_batches": NON_NEGATIVE,
 }
+
+
+FRACTION_OR_COUNT = ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches",
+                     "trainer.limit_predict_batches", "trainer.val_check_interval", "trainer.overfit_batches")
 
 
 def _choices() -> dict[str, tuple]:
@@ -163,6 +168,10 @@ def check_values(cfg: Any) -> None:
     betas = _get(cfg, "model.init_args.optimizer.betas")
     if betas is not None and not all(Range(0, 1, high_open=True).holds(float(b)) for b in betas):
         raise ConfigError(f"--model.optimizer.betas must both be in [0, 1) (got {list(betas)})")
+    for key in FRACTION_OR_COUNT:  # Lightning: a float is a fraction of the batches, an int a number of them
+        value = _get(cfg, key)
+        if isinstance(value, float) and not 0 <= value <= 1:
+            raise ConfigError(f"{option_name(key)}={value:g}: a fraction of the batches must be in [0, 1]; give a whole number for a count of batches")
     for key, values in _choices().items():
         value = _get(cfg, key)
         if value is not None and value not in values:
