@@ -174,3 +174,14 @@ def test_full_disk_during_training_keeps_last_checkpoint_and_says_so(tmp_path, t
         assert "Traceback" not in proc.stderr
         assert sorted(p.name for p in mnt.iterdir()) == ["last.ckpt"]  # no temp file left
         assert torch.load(mnt / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 1
+
+
+def test_preflight_lets_hub_ids_through_and_leaves_the_hardware_check_to_where_the_job_runs():
+    check_config(_cfg(model={"backbone": {"preset": "ovis-image-7b", "pretrained": "AIDC-AI/Ovis-Image-7B"}}))
+    with pytest.raises(ConfigError, match="--model.backbone.pretrained: 'AIDC-AI/Ovis-Image-7B.safetensors' does not exist"):
+        check_config(_cfg(model={"backbone": {"pretrained": "AIDC-AI/Ovis-Image-7B.safetensors"}}))
+    gpu_job = {**_cfg(8), "trainer": {"devices": 8, "num_nodes": 1, "accelerator": "gpu"}}
+    check_config(gpu_job, this_machine=False)  # `lit-ovis submit` on a login node
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--trainer.accelerator=gpu but no GPU is visible"):
+            check_config(gpu_job)
