@@ -114,6 +114,17 @@ RANGES: dict[str, Range] = {
 }
 
 
+# Our callbacks' ranged arguments, by class name (their option is `--trainer.callbacks.<arg>`).
+CALLBACK_RANGES: dict[str, dict[str, Range]] = {
+    "SampleGridLogger": {"every_n_steps": AT_LEAST_1, "steps": AT_LEAST_1, "guidance_scale": NON_NEGATIVE},
+    "EvalCallback": {"every_n_steps": AT_LEAST_1, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "limit": AT_LEAST_1,
+                     "guidance_scale": NON_NEGATIVE},
+    "NanGuard": {"max_consecutive": AT_LEAST_1},
+    "RequeueOnSignal": {"check_every_n_steps": AT_LEAST_1},
+    "ThroughputLogger": {"window": AT_LEAST_1, "peak_tflops": POSITIVE},
+}
+SIZED_CALLBACKS = ("SampleGridLogger", "EvalCallback")  # height/width: multiples of 16
+
 FRACTION_OR_COUNT = ("trainer.limit_train_batches", "trainer.limit_val_batches", "trainer.limit_test_batches",
                      "trainer.limit_predict_batches", "trainer.val_check_interval", "trainer.overfit_batches")
 
@@ -176,6 +187,31 @@ def check_values(cfg: Any) -> None:
         value = _get(cfg, key)
         if value is not None and value not in values:
             raise ConfigError(f"{option_name(key)}: '{value}' is not one of {', '.join(values)}")
+
+
+def _callbacks(cfg: Any) -> list[tuple[str, Any]]:
+    """(class name, init args) of each configured callback."""
+    configured = _get(cfg, "trainer.callbacks") or []
+    out = []
+    for cb in configured if isinstance(configured, (list, tuple)) else [configured]:
+        path = _get(cb, "class_path")
+        if isinstance(path, str):
+            out.append((path.rsplit(".", 1)[-1], _get(cb, "init_args") or {}))
+    return out
+
+
+def check_callbacks(cfg: Any) -> None:
+    for name, args in _callbacks(cfg):
+        for key, allowed in CALLBACK_RANGES.get(name, {}).items():
+            value = _get(args, key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not allowed.holds(value):
+                raise ConfigError(f"--trainer.callbacks.{key} of {name} {allowed.describe()} (got {value})")
+        if name in SIZED_CALLBACKS:
+            for key in ("height", "width"):
+                _check_side(_get(args, key), f"--trainer.callbacks.{key} of {name}")
+        prompt_file = _get(args, "prompt_file")
+        if name == "EvalCallback" and _local_path_missing(prompt_file):
+            raise ConfigError(f"--trainer.callbacks.prompt_file of EvalCallback: '{prompt_file}' does not exist; fix the path")
 
 
 def check_resolution(height: int, width: int, option: str) -> None:
@@ -361,6 +397,7 @@ def check_config(cfg: Any, subcommand: str | None = "fit", this_machine: bool = 
     args = _get(cfg, "model.init_args") or {}
     world = world_size(_get(cfg, "trainer") or {})
     check_values(cfg)
+    check_callbacks(cfg)
     check_data(_get(cfg, "data.init_args") or {}, world, subcommand)
     check_model(args)
     check_mesh(cfg, args, world)
