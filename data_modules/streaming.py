@@ -48,9 +48,7 @@ import json
 import logging
 import os
 import random
-import re
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -62,7 +60,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_modules.chunks import ChunkDamage, ChunkSalvage, scan_chunks
 from data_modules.layout import BUCKET_DIR, REPORT, report_buckets
-from lit_ovis.errors import ConfigError, DataError, user_message
+from data_modules.rank0 import build_on_rank0
+from lit_ovis.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -353,47 +352,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- module
-def build_on_rank0(build: Callable[[], Any], what: str, timeout_s: float, option: str = "--data.build_timeout_s") -> None:
-    """Run `build` on global rank 0 alone while the other ranks wait for its outcome, at most `timeout_s`.
-
-    Without torch.distributed (or with one process) it simply runs `build`. Rank 0 broadcasts success or
-    its one-line error over a gloo group whose timeout is `timeout_s`, so a failed build fails every rank
-    at once and a build that never ends fails the waiting ranks with one line naming what they waited for."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        build()
-        return
-    rank = dist.get_rank()
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    outcome: list[str | None] = [None]
-    failure: BaseException | None = None
-    try:
-        if rank == 0:
-            try:
-                build()
-            except Exception as err:  # noqa: BLE001 - every rank must learn of it before rank 0 re-raises
-                failure = err
-                outcome[0] = user_message(err) or f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-        try:
-            dist.broadcast_object_list(outcome, src=0, group=group)
-        except RuntimeError as err:
-            if failure is not None:
-                raise failure from None
-            detail = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])[:120]  # gloo's source path
-            if rank == 0:
-                raise DataError(f"rank 0 managed to {what} but the other ranks had stopped waiting ({detail}); "
-                                f"build it beforehand or raise {option}") from None
-            raise DataError(f"rank {rank} waited up to {timeout_s:g} s for rank 0 to {what} and gave up ({detail}); "
-                            f"build it beforehand or raise {option}") from None
-    finally:
-        dist.destroy_process_group(group)
-    if failure is not None:
-        raise failure
-    if outcome[0] is not None:
-        raise DataError(f"rank 0 could not {what}: {outcome[0]}")
-
-
 class LatentDataModule(L.LightningDataModule):
     """Prepared latents (optionally with text embeddings), batched per bucket, resumable mid-epoch at any
     world size, with an optional validation split.

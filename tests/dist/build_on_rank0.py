@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 def worker(rank: int, out: str) -> None:
     import torch.distributed as dist
 
-    from data_modules.streaming import build_on_rank0
+    from data_modules.rank0 import build_on_rank0
     from lit_ovis.errors import DataError
 
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
