@@ -5,7 +5,6 @@ checkpoint, so host memory needs ~30 GB fp32 for 7B (~60 GB with --use-ema), nev
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from pathlib import Path

@@ -6,7 +6,6 @@ the frozen text encoder, tokenizer and VAE the run used, and the pipeline's sche
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
