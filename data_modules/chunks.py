@@ -54,6 +54,18 @@ def _index(fs, path: str) -> dict:
         return json.loads(f.read())
 
 
+def index_problem(bucket_dir: str) -> str | None:
+    """Why a bucket's index.json cannot be used (None when it can): the whole bucket is then left out."""
+    try:
+        fs, path = _fs(bucket_dir)
+        index = _index(fs, path)
+    except (OSError, ValueError) as err:
+        return f"{bucket_dir.rstrip('/')}/{INDEX} is unreadable ({type(err).__name__}: truncated or corrupt)"
+    if not isinstance(index, dict) or not isinstance(index.get("chunks"), list) or not isinstance(index.get("config"), dict):
+        return f"{bucket_dir.rstrip('/')}/{INDEX} is not a LitData index (no chunks or config)"
+    return None
+
+
 def _intact_records(fs, file: str, count: int, size: int, compressed: bool) -> tuple[int, tuple[int, ...]]:
     """How many leading records of a short chunk are wholly present, and the chunk's offset table."""
     header = 4 * (count + 2)

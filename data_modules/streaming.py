@@ -58,7 +58,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_modules.chunks import ChunkDamage, ChunkSalvage, scan_chunks
+from data_modules.chunks import ChunkDamage, ChunkSalvage, index_problem, scan_chunks
 from data_modules.layout import BUCKET_DIR, REPORT, report_buckets
 from data_modules.rank0 import build_on_rank0
 from lit_ovis.errors import ConfigError, DataError
@@ -454,10 +454,21 @@ class LatentDataModule(L.LightningDataModule):
                     log.warning("data: %s", chunk.describe(d))
         return damage
 
+    def _readable(self, dirs: list[str], rank: int) -> list[str]:
+        """The buckets whose index can be read; the others are left out, reported once (rank 0)."""
+        problems = {d: index_problem(d) for d in dirs}
+        for d, problem in problems.items():
+            if problem and rank == 0:
+                log.warning("data: %s; this bucket is left out; re-run `lit-ovis prepare` to rebuild it", problem)
+        usable = [d for d in dirs if not problems[d]]
+        if not usable:
+            raise DataError(f"{self.root}: no bucket has a readable index.json; re-run `lit-ovis prepare`")
+        return usable
+
     def setup(self, stage: str) -> None:
         rank, world = self._rank_world()
         self.build_data()
-        dirs = discover_buckets(self.root, self._resolutions())
+        dirs = self._readable(discover_buckets(self.root, self._resolutions()), rank)
         sizes = bucket_sizes(dirs)
         keys = [bucket_key(d) for d in dirs]
         damage = self._scan_damage(dirs, rank)
@@ -474,7 +485,7 @@ class LatentDataModule(L.LightningDataModule):
             raise DataError(f"{self.root}: fewer training samples per bucket{note} than --data.batch_size={self.batch_size} x {world} ranks; "
                             "lower the batch size or prepare more data")
         if self.val_root:
-            vdirs = discover_buckets(self.val_root, self._resolutions())
+            vdirs = self._readable(discover_buckets(self.val_root, self._resolutions()), rank)
             vdamage = [scan_chunks(d) for d in vdirs]
             vpools = [[i for i in range(n) if not any(c.first + c.intact <= i < c.first + c.count for c in dmg)]
                       for n, dmg in zip(bucket_sizes(vdirs), vdamage)]

@@ -291,6 +291,21 @@ def test_damaged_chunks_cost_only_their_damaged_records_and_every_tensor_is_chec
     assert dm.state_dict()["corrupt_by_reason"] == dict(dm.corrupt_by_reason)
 
 
+def test_a_bucket_with_an_unreadable_index_is_left_out_once(tmp_path, caplog):
+    from data_modules.streaming import LatentDataModule
+
+    corpus = write_damaged_dataset(tmp_path / "data")
+    index = tmp_path / "data" / "32" / BUCKET_B / "index.json"
+    index.write_bytes(index.read_bytes()[:40])  # cut short
+    dm = LatentDataModule(root=str(tmp_path / "data"), batch_size=3, num_workers=0, seed=1)
+    with caplog.at_level(logging.WARNING, logger="data_modules.streaming"):
+        dm.setup("fit")
+    assert [d.rsplit("/", 1)[-1] for d in dm.dataset.bucket_dirs] == [BUCKET_A]
+    assert sum("index.json is unreadable (JSONDecodeError: truncated or corrupt); this bucket is left out" in r.getMessage()
+               for r in caplog.records) == 1
+    assert sorted({i for b in dm.train_dataloader() for i in b["ids"]}) == corpus["good"]
+
+
 def test_fit_on_damaged_data_exits_0_and_logs_every_reason(tmp_path):
     corpus = write_damaged_dataset(tmp_path / "data")
     ckpt = tmp_path / "ckpt"
