@@ -114,9 +114,12 @@ def write_image_corpus(folder: Path) -> None:
 
 
 def _prepare(args: list[str]) -> tuple[int, dict, int, str]:
-    """`lit-ovis prepare` in a fresh process: (exit code, printed summary, peak RSS in MB, stderr)."""
-    code = ("import json, resource, sys; from lit_ovis.__main__ import main; rc = main(['prepare', *sys.argv[1:]]); "
-            "print(json.dumps({'rc': rc, 'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))")
+    """`lit-ovis prepare` in a fresh process: (exit code, printed summary, peak RSS in MB, stderr). The peak is
+    VmHWM, this process image's own high-water mark: ru_maxrss would carry the forking pytest process's size
+    across exec."""
+    code = ("import json, re, sys; from lit_ovis.__main__ import main; rc = main(['prepare', *sys.argv[1:]]); "
+            "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)); "
+            "print(json.dumps({'rc': rc, 'rss_mb': hwm // 1024}))")
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and len(lines) >= 2, proc.stderr[-3000:]
