@@ -12,7 +12,7 @@ which is what the safeguard exists to prevent -- and lambda_safe statistics over
     .venv/bin/python benchmarks/bench_dpo_curve.py                      # 5 variants, ~40 s each on an idle 2-core CPU
     .venv/bin/python benchmarks/bench_dpo_curve.py --variants plain,paper_mu0.6 --steps 100
 
-The loop is a plain optimizer loop around `SDPOModule.dpo_loss` (the exact loss `training_step` uses) and the
+The loop is a plain optimizer loop around `SDPOModule.pair_loss` (the exact loss `training_step` uses) and the
 module's own AdamW and gradient clipping, so that one script runs every variant in a few minutes.
 """
 
@@ -31,17 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS: dict[str, dict] = {
-    "plain": dict(safeguard=False),
-    "report_mu1": dict(safeguard=True, safeguard_rule="report", mu=1.0),
-    "report_mu0.5": dict(safeguard=True, safeguard_rule="report", mu=0.5),
-    "report_mu0.75": dict(safeguard=True, safeguard_rule="report", mu=0.75),
-    "paper_mu0.6": dict(safeguard=True, safeguard_rule="paper", mu=0.6),
-    "report_mu1_margin0.1": dict(safeguard=True, safeguard_rule="report", mu=1.0, safety_margin=0.1),
-    "report_mu1_margin0.2": dict(safeguard=True, safeguard_rule="report", mu=1.0, safety_margin=0.2),
-    "report_mu1_margin0.3": dict(safeguard=True, safeguard_rule="report", mu=1.0, safety_margin=0.3),
-    "report_mu1_margin0.5": dict(safeguard=True, safeguard_rule="report", mu=1.0, safety_margin=0.5),
-    "report_mu1_margin0.6": dict(safeguard=True, safeguard_rule="report", mu=1.0, safety_margin=0.6),
-    "report_mu0.5_margin0.1": dict(safeguard=True, safeguard_rule="report", mu=0.5, safety_margin=0.1),
+    "plain": dict(enabled=False),
+    "report_mu1": dict(rule="report", mu=1.0),
+    "report_mu0.5": dict(rule="report", mu=0.5),
+    "report_mu0.75": dict(rule="report", mu=0.75),
+    "paper_mu0.6": dict(rule="paper", mu=0.6),
+    "report_mu1_margin0.1": dict(rule="report", mu=1.0, safety_margin=0.1),
+    "report_mu1_margin0.2": dict(rule="report", mu=1.0, safety_margin=0.2),
+    "report_mu1_margin0.3": dict(rule="report", mu=1.0, safety_margin=0.3),
+    "report_mu1_margin0.5": dict(rule="report", mu=1.0, safety_margin=0.5),
+    "report_mu1_margin0.6": dict(rule="report", mu=1.0, safety_margin=0.6),
+    "report_mu0.5_margin0.1": dict(rule="report", mu=0.5, safety_margin=0.1),
 }
 
 DEFAULT_VARIANTS = "plain,report_mu1,report_mu0.5,paper_mu0.6,report_mu1_margin0.3"
@@ -89,13 +89,13 @@ def by_bucket(items: list[dict], seq_len: int) -> list[dict]:
 
 def build_module(variant: dict, args, state: dict | None = None):
     from lit_ovis.modules.config import EncoderConfig, OptimizerConfig
-    from lit_ovis.modules.sdpo import DPOConfig, SDPOModule
+    from lit_ovis.losses.dpo import SafeguardConfig
+    from lit_ovis.modules.sdpo import SDPOConfig, SDPOModule
 
-    dpo = dict(beta=args.beta, timestep_sampling="uniform", timestep_shift="none")
-    dpo.update(variant)
+    sdpo = dict(beta=args.beta, timestep_sampling="uniform", timestep_shift="none", safeguard=SafeguardConfig(**variant))
     torch.manual_seed(0)
     m = SDPOModule(encoders=EncoderConfig(max_sequence_length=args.seq_len),
-                   optimizer=OptimizerConfig(lr=args.lr, warmup_steps=0, grad_clip=1.0), dpo=DPOConfig(**dpo))
+                   optimizer=OptimizerConfig(lr=args.lr, warmup_steps=0, grad_clip=1.0), sdpo=SDPOConfig(**sdpo))
     m.configure_model()
     if state is not None:  # the SFT weights: policy and reference start equal
         m.backbone.load_state_dict(state)
@@ -144,7 +144,7 @@ def evaluate(module, batches: list[dict], draws: int = 2) -> dict[str, float]:
     for b, batch in enumerate(batches):
         k = batch["latents_w"].shape[0]
         for d in range(draws):
-            _, st = module.dpo_loss(batch, generator=torch.Generator().manual_seed(1000 * b + d))
+            _, st = module.pair_loss(batch, generator=torch.Generator().manual_seed(1000 * b + d))
             acc += float(st["implicit_acc"]) * k
             margin += float(st["reward_margin"]) * k
             dw += float(st["policy_loss_w"] - st["ref_loss_w"]) * k
@@ -171,7 +171,7 @@ def run_variant(name: str, variant: dict, train: list[dict], heldout: list[dict]
     for step in range(1, args.steps + 1):
         bucket = rng.choices(keys, weights)[0]
         items = rng.sample(groups[bucket], min(args.batch_size, len(groups[bucket])))
-        loss, st = module.dpo_loss(collate(items, args.seq_len), generator=torch.Generator().manual_seed(step))
+        loss, st = module.pair_loss(collate(items, args.seq_len), generator=torch.Generator().manual_seed(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), 1.0)
@@ -199,7 +199,7 @@ def module_ref_error(module, batches: list[dict]) -> float:
     """The reference's winner error on held-out pairs (the scale dL_w is measured against)."""
     total, n = 0.0, 0
     for b, batch in enumerate(batches):
-        _, st = module.dpo_loss(batch, generator=torch.Generator().manual_seed(1000 * b))
+        _, st = module.pair_loss(batch, generator=torch.Generator().manual_seed(1000 * b))
         total += float(st["ref_loss_w"]) * batch["latents_w"].shape[0]
         n += batch["latents_w"].shape[0]
     return total / n

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lit_ovis.modules.config import EncoderConfig, OptimizerConfig  # noqa: E402
-from lit_ovis.modules.grpo import GRPOConfig, GRPOModule  # noqa: E402
+from lit_ovis.losses.window import WindowConfig  # noqa: E402
+from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, RolloutConfig, UpdateConfig  # noqa: E402
 from lit_ovis.sampling.generate import SamplingConfig  # noqa: E402
 
 KEEP = ("reward/mean", "reward/std", "train/kl", "train/clip_frac", "train/ratio_max", "window/start", "window/end")
@@ -62,9 +63,9 @@ def main() -> None:
     module = GRPOModule(
         encoders=EncoderConfig(max_sequence_length=8), optimizer=OptimizerConfig(lr=args.lr),
         sampling=SamplingConfig(steps=6, guidance_scale=1.0, height=32, width=32),
-        grpo=GRPOConfig(group_size=8, rollout_steps=6, sampler=args.sampler, noise_level=0.7, guidance_scale=1.0,
-                        height=32, width=32, rollout_batch_size=16, train_batch_size=16, clip_range=0.2, kl_beta=0.01,
-                        window=args.window, window_size=3, window_start=0, window_shift_every=args.shift_every,
+        grpo=GRPOConfig(rollout=RolloutConfig(group_size=8, steps=6, sampler=args.sampler, noise_level=0.7, batch_size=16),
+                        update=UpdateConfig(batch_size=16, clip_range=0.2, kl_beta=0.01),
+                        window=WindowConfig(mode=args.window, size=3, start=0, shift_every=args.shift_every),
                         log_images_every_n_steps=0),
     )
     module.configure_model()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from lit_ovis.scoring import ScorerEnsemble, json_option
+from lit_ovis.scoring import ScorerEnsemble
+from lit_ovis.scoring.ensemble import build_ensemble
+from lit_ovis.scoring.metrics import aggregate
 from lit_ovis.scoring.prompt_sets import read_prompt_set
 
 DEFAULT_SET = [
@@ -49,14 +51,13 @@ class EvalCallback(L.Callback):
     @property
     def ensemble(self) -> ScorerEnsemble:
         if self._ensemble is None:
-            self._ensemble = ScorerEnsemble.from_weights({n: 1.0 for n in self.scorer_names}, self.scorer_kwargs,
-                                                         option=json_option("EvalCallback init_args.scorer_kwargs"))
+            self._ensemble = build_ensemble({n: 1.0 for n in self.scorer_names}, self.scorer_kwargs,
+                                            weights_option="EvalCallback init_args.scorers",
+                                            kwargs_option="EvalCallback init_args.scorer_kwargs")
         return self._ensemble
 
     @torch.no_grad()
     def run(self, trainer, pl_module) -> dict[str, float]:
-        from lit_ovis.cli.eval import aggregate
-
         images = torch.cat([
             pl_module.sample([it["prompt"] for it in self.items[k: k + self.batch_size]], seed=self.seed + k, **self.kwargs).float().cpu()
             for k in range(0, len(self.items), self.batch_size)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
+
+from lit_ovis.files import atomic_path
 
 
 class ImageWriter(BasePredictionWriter):
@@ -33,9 +34,8 @@ class ImageWriter(BasePredictionWriter):
             name = f"{ids[i]}" if ids is not None else f"r{trainer.global_rank}_b{batch_idx:05d}_{i:03d}"
             path = self.output_dir / f"{name}.png"
             array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            tmp = path.with_suffix(".png.tmp")
-            Image.fromarray(array).save(tmp, format="PNG")
-            os.replace(tmp, path)  # a killed predict never leaves a truncated PNG behind
+            with atomic_path(path) as tmp:  # a killed predict never leaves a truncated PNG behind
+                Image.fromarray(array).save(tmp, format="PNG")
             records.append({"file": path.name, "prompt": prompt})
         with open(self.index_path(trainer), "a", encoding="utf-8") as f:
             for r in records:

@@ -1,9 +1,9 @@
-"""On-disk layout of a prepared root, shared by `prepare`, the preference builders and discovery.
+"""On-disk layout of a prepared root, shared by the bucketed writer (`data_modules.writer`) and discovery.
 
     <root>/<resolution>/<W>x<H>/        one LitData dataset per aspect-ratio bucket
     <root>/<resolution>/report.json     that resolution's report (written inside the dataset swap)
     <root>/report.json                  every resolution and its buckets (what remote discovery reads)
-    <root>/_work/<resolution>/          prepare's restart cache (one file per finished shard)
+    <root>/_work/<resolution>/          restart cache of prepare / make-pairs (one file per finished shard)
 
 Several resolutions live side by side in one root; each is replaced atomically (build in a hidden temp
 directory, then rename), and hidden or non-numeric directories are never datasets.
@@ -17,20 +17,12 @@ import re
 import shutil
 from pathlib import Path
 
+from lit_ovis.files import atomic_write_json
+
 REPORT = "report.json"
 WORK = "_work"
 FORMAT = 2  # 1: a single top-level report.json with one `resolution` (older prepare / make-pairs outputs)
 BUCKET_DIR = re.compile(r"^(\d+)x(\d+)$")
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a hidden temp file beside `path`, fsync, rename over it: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def bucket_writer(path: Path | str, chunk_bytes: int | str):
@@ -47,10 +39,6 @@ def bucket_writer(path: Path | str, chunk_bytes: int | str):
     return writer
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False))
-
-
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -60,6 +48,11 @@ def read_json(path: Path) -> dict | None:
 
 def temp_dir(root: Path, resolution: int) -> Path:
     return root / f".{resolution}.tmp"
+
+
+def work_dir(root: Path, resolution: int) -> Path:
+    """The restart cache of one resolution's build (`prepare`'s shards, `make-pairs`' scored pairs)."""
+    return Path(root) / WORK / str(resolution)
 
 
 def swap_in(tmp: Path, final: Path) -> None:
@@ -92,7 +85,7 @@ def update_root_report(root: Path) -> dict:
         "kept": sum(rep.get("kept", 0) for rep in resolutions.values()),
         "has_prompt_embeds": bool(resolutions) and all(rep.get("has_prompt_embeds", False) for rep in resolutions.values()),
     }
-    write_json_atomic(root / REPORT, report)
+    atomic_write_json(root / REPORT, report)
     return report
 
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_modules.buckets import assign_bucket, bucket_name, make_buckets, resize_to_bucket
-from data_modules.layout import REPORT, bucket_writer, read_json, swap_in, temp_dir, update_root_report, write_json_atomic
+from data_modules.buckets import assign_bucket, make_buckets, resize_to_bucket
+from data_modules.layout import REPORT, read_json
 from data_modules.streaming import LatentDataModule
+from data_modules.writer import BucketedWriter, trim_embeddings
 from lit_ovis.errors import OneLineArgumentParser
+from lit_ovis.seeds import mix_seed
 
 
 class PreferenceDataModule(LatentDataModule):
@@ -38,10 +39,9 @@ class PreferenceDataModule(LatentDataModule):
 
     def __init__(self, root: str = "data/pairs", batch_size: int = 4, num_workers: int = 2, seed: int = 0,
                  resolutions: list[int] | None = None, synthetic_pairs: int = 0, synthetic_resolution: int = 64,
-                 text_encoder: str | None = "tiny", vae: str = "tiny", max_sequence_length: int = 256,
                  val_samples_per_bucket: int = 0, val_root: str | None = None, val_batch_size: int | None = None,
                  build_timeout_s: float = 3600.0, worker_timeout_s: float = 600.0):
-        super().__init__(root, batch_size, num_workers, seed, resolutions, 0, synthetic_resolution, text_encoder, vae, max_sequence_length,
+        super().__init__(root, batch_size, num_workers, seed, resolutions, 0, synthetic_resolution,
                          val_samples_per_bucket, val_root, val_batch_size, build_timeout_s, worker_timeout_s)
         self.synthetic_pairs = synthetic_pairs
 
@@ -50,8 +50,9 @@ class PreferenceDataModule(LatentDataModule):
 
     def synthetic_builder(self):
         if self.synthetic_pairs > 0:
-            return lambda: ensure_synthetic_pairs(self.root, self.synthetic_pairs, self.synthetic["resolution"], self.synthetic["text_encoder"],
-                                                  self.synthetic["vae"], self.synthetic["max_sequence_length"])
+            enc = self.encoders()  # the model's (model.encoders), read now: the builder may run later
+            return lambda: ensure_synthetic_pairs(self.root, self.synthetic_pairs, self.synthetic["resolution"], enc["text_encoder"],
+                                                  enc["vae"], enc["max_sequence_length"])
         return None
 
 
@@ -66,37 +67,20 @@ def build_synthetic_pairs(root: str, n: int, resolution: int = 64, text_encoder:
     buckets = make_buckets(resolution)
     vae_model = build_vae(vae)
     encoder = build_text_encoder(text_encoder, max_sequence_length) if text_encoder else None
-    groups: dict[str, list[dict]] = {}
+    writer = BucketedWriter(root, resolution)
     for i in tqdm(range(n), desc="pairs", disable=not progress):
         good = engine.render(i)
-        bad = engine.render(i, language=good.language, text=engine.corrupt(good.text, seed * 1_000_003 + i))
+        bad = engine.render(i, language=good.language, text=engine.corrupt(good.text, mix_seed(seed, index=i)))
         bucket = assign_bucket(*good.image.size, buckets)
         pix = [np.asarray(resize_to_bucket(im, bucket), dtype=np.float32) / 127.5 - 1 for im in (good.image, bad.image)]
         lat = vae_model.encode(torch.from_numpy(np.stack(pix)).permute(0, 3, 1, 2))
         item = {"id": f"pair-{i:08d}", "caption": good.caption, "language": good.language, "target_text": good.text,
                 "latents_w": lat[0].half(), "latents_l": lat[1].half()}
         if encoder is not None:
-            e = encoder.encode([good.caption])[0]
-            nz = (e.abs().sum(-1) > 0).nonzero()
-            item["prompt_embeds"] = e[: int(nz.max()) + 1 if len(nz) else 0].half()
-        groups.setdefault(bucket_name(bucket), []).append(item)
-    out = Path(root)
-    tmp = temp_dir(out, resolution)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, items in groups.items():
-        writer = bucket_writer(tmp / name, "64MB")
-        for k, item in enumerate(items):
-            writer[k] = item
-        writer.done()
-        writer.merge()
-    report = {"inputs": n, "kept": n, "resolution": resolution, "buckets": {k: len(v) for k, v in sorted(groups.items())},
-              "has_prompt_embeds": encoder is not None, "kind": "synthetic_pairs",
-              "fingerprint": _pairs_fingerprint(n, resolution, text_encoder, vae, max_sequence_length, seed)}
-    write_json_atomic(tmp / REPORT, report)
-    swap_in(tmp, out / str(resolution))
-    update_root_report(out)
-    return report
+            item["prompt_embeds"] = trim_embeddings(encoder.encode([good.caption])[0]).half()
+        writer.add(bucket, item)
+    return writer.finish({"inputs": n, "kept": n, "has_prompt_embeds": encoder is not None, "kind": "synthetic_pairs",
+                          "fingerprint": _pairs_fingerprint(n, resolution, text_encoder, vae, max_sequence_length, seed)})
 
 
 def _pairs_fingerprint(*settings) -> str:

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -37,12 +36,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_modules.buckets import assign_bucket, bucket_name, make_buckets, resize_to_bucket
+from data_modules.buckets import assign_bucket, make_buckets, resize_to_bucket
 from data_modules.dedup import MAX_THRESHOLD, NearDuplicateIndex
-from data_modules.layout import (FORMAT, REPORT, WORK, atomic_write, bucket_writer, read_json, swap_in, temp_dir,
-                                  update_root_report, write_json_atomic)
-from data_modules.records import Record, Skip, check_caption, load_image, records_from_folder, records_from_manifest
+from data_modules.layout import FORMAT, REPORT, WORK, read_json, update_root_report, work_dir
+from data_modules.records import (Record, Skip, add_source_options, check_caption, load_image, records_from_options,
+                                  synthetic_records)  # synthetic_records: re-exported for callers of prepare
+from data_modules.writer import BucketedWriter, chunk_bytes_for, trim_embeddings
 from lit_ovis.errors import ConfigError, DataError, OneLineArgumentParser
+from lit_ovis.files import atomic_write
+from lit_ovis.options import add_options, from_options
 
 # Config fields that change what one record turns into: part of every shard's cache key.
 RECORD_FIELDS = ("resolution", "min_side", "min_aspect", "max_aspect", "max_caption_chars", "vae", "text_encoder",
@@ -53,25 +55,46 @@ FINAL_FIELDS = ("dedup", "dedup_threshold")
 
 @dataclass
 class PrepareConfig:
+    """Settings of `lit-ovis prepare` (each field is a --kebab-case option)."""
+
     output_dir: str
-    resolution: int = 256  # target side: buckets have area ~ resolution^2
-    min_side: int = 64  # skip images whose short side is smaller
+    """Root of the prepared datasets; each resolution goes to <output_dir>/<resolution>/."""
+    resolution: int = 256
+    """Target side in px: buckets have an area of about resolution^2, sides multiples of 16."""
+    min_side: int = 64
+    """Skip images whose short side is smaller (px)."""
     min_aspect: float = 0.25
+    """Smallest aspect ratio (width / height) kept; also the narrowest bucket."""
     max_aspect: float = 4.0
+    """Largest aspect ratio (width / height) kept; also the widest bucket."""
     max_caption_chars: int = 2000
+    """Skip captions longer than this many characters."""
     dedup: bool = True
-    dedup_threshold: int = 4  # near-duplicate: pHashes within this many of 64 bits (0 = identical hashes only)
+    """Remove near-duplicate images (perceptual hashes), keeping the first copy."""
+    dedup_threshold: int = 4
+    """Near-duplicate: pHashes within this many of 64 bits (0 = identical hashes only)."""
     shard_size: int = 256
-    batch_size: int = 16  # VAE / text-encoder batch
-    num_workers: int = 2  # decode/render processes
+    """Records per restart-cache shard (a killed run redoes at most one shard)."""
+    batch_size: int = 16
+    """Images per VAE / text-encoder batch."""
+    num_workers: int = 2
+    """Decode/render processes (1 = in this process)."""
     vae: str = "tiny"
-    text_encoder: str | None = None  # precompute embeddings with this encoder (None: store captions only)
+    """VAE preset ("tiny", "flux") or a folder / hub id with vae/."""
+    text_encoder: str | None = None
+    """Precompute prompt embeddings with this encoder (preset, folder or hub id); unset: store captions only."""
     max_sequence_length: int = 256
-    storage_dtype: str = "float16"  # latents / embeddings on disk
+    """Text-encoder length of the precomputed embeddings."""
+    storage_dtype: str = "float16"
+    """torch dtype name of the latents / embeddings on disk."""
     device: str = "auto"
-    seed: int = 0  # synthetic engine seed
-    synthetic_size: int | None = None  # synthetic base side (default: resolution)
-    write_buffer_mb: int = 1024  # RAM for the final write's open chunk buffers, shared by all buckets
+    """Device for the encoders: "auto" (a GPU when present), "cpu", "cuda:0", ..."""
+    seed: int = 0
+    """Seed of the synthetic text-rendering engine."""
+    synthetic_size: int | None = None
+    """Base side of synthetic renders (unset: the resolution, at least twice min_side)."""
+    write_buffer_mb: int = 1024
+    """RAM for the final write's open chunk buffers, shared by all buckets."""
     caption_encoding: str = "utf-8"
     """Encoding of sidecar captions and manifests without a byte-order mark (e.g. gb18030); text that is not
     valid in it is skipped and counted (`caption_encoding`, `manifest_encoding`), never decoded lossily."""
@@ -174,11 +197,8 @@ class Encoders:
         out = []
         for i in range(0, len(captions), self.batch_size):
             embeds = self.text_encoder.encode(captions[i : i + self.batch_size]).float().cpu()
-            for e in embeds:
-                nonzero = (e.abs().sum(-1) > 0).nonzero()
-                length = int(nonzero.max()) + 1 if len(nonzero) else 0
-                # Padding rows are exactly zero in the pipeline; keep only the valid prefix on disk.
-                out.append(e[:length].to(self.storage))
+            # Padding rows are exactly zero in the pipeline; keep only the valid prefix on disk.
+            out.extend(trim_embeddings(e).to(self.storage) for e in embeds)
         return out
 
 
@@ -208,10 +228,6 @@ def shard_keys(records: list[Record], cfg: PrepareConfig) -> list[str]:
 
 def dataset_fingerprint(keys: list[str], cfg: PrepareConfig) -> str:
     return _digest([FORMAT, {k: getattr(cfg, k) for k in FINAL_FIELDS}, keys])
-
-
-def _work_dir(out: Path, resolution: int) -> Path:
-    return out / WORK / str(resolution)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -247,25 +263,15 @@ def _run_shard(records: list[Record], cfg: PrepareConfig, buckets, encoders: Enc
     return {"samples": samples, "skipped": dict(skipped), "inputs": len(records), "converted": dict(converted)}
 
 
-def _chunk_bytes(cfg: PrepareConfig, n_buckets: int) -> int:
-    """LitData chunk size: all bucket writers are open at once, so their buffers share the RAM budget."""
-    mb = 1 << 20
-    return int(min(64 * mb, max(4 * mb, cfg.write_buffer_mb * mb // max(n_buckets, 1))))
-
-
-class _BucketWriters:
-    """One LitData writer per bucket under `root`, fed shard by shard in input order.
+class _DedupingWriter:
+    """Streams prepared shards, in input order, into the bucketed writer, dropping near-duplicates.
 
     Memory: one shard (its tensors memory-mapped), the writers' chunk buffers (`write_buffer_mb`) and the
     near-duplicate index (ints), independent of the dataset size."""
 
-    def __init__(self, root: Path, cfg: PrepareConfig, n_buckets: int):
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        self.root, self.chunk_bytes = root, _chunk_bytes(cfg, n_buckets)
+    def __init__(self, cfg: PrepareConfig, n_buckets: int):
+        self.writer = BucketedWriter(cfg.output_dir, cfg.resolution, chunk_bytes_for(cfg.write_buffer_mb, n_buckets))
         self.index = NearDuplicateIndex(cfg.dedup_threshold) if cfg.dedup else None
-        self.writers: dict = {}
-        self.sizes: Counter = Counter()
         self.skipped: Counter = Counter()
         self.converted: Counter = Counter()
         self.inputs = 0
@@ -279,44 +285,18 @@ class _BucketWriters:
         for s in shard["samples"]:
             if self.index is not None and s["phash"] is not None and not self.index.add(s["phash"]):
                 self.skipped["duplicate"] += 1
-            else:
-                self._write(s)
-
-    def _write(self, s: dict) -> None:
-        name = bucket_name(s["bucket"])
-        if name not in self.writers:
-            self.writers[name] = bucket_writer(self.root / name, self.chunk_bytes)
-        item = {"id": s["id"], "caption": s["caption"], "language": s["language"], "target_text": s["target_text"], "latents": s["latents"]}
-        if s["prompt_embeds"] is not None:
-            item["prompt_embeds"] = s["prompt_embeds"]
-        self.writers[name][self.sizes[name]] = item
-        self.sizes[name] += 1
-
-    def finish(self) -> dict:
-        for writer in self.writers.values():
-            writer.done()
-            writer.merge()
-        return {"inputs": self.inputs, "skipped": self.skipped, "converted": self.converted, "buckets": dict(sorted(self.sizes.items())),
-                "dedup_comparisons": self.index.comparisons if self.index is not None else 0}
-
-
-def _write_buckets(tmp_root: Path, shard_paths: list[Path], cfg: PrepareConfig, n_buckets: int) -> dict:
-    """Stream the shards, in input order, into one LitData dataset per bucket under `tmp_root`."""
-    writers = _BucketWriters(tmp_root, cfg, n_buckets)
-    for path in shard_paths:
-        writers.add_shard(path)
-    return writers.finish()
-
-
-def synthetic_records(n: int) -> list[Record]:
-    return [Record(id=f"syn-{i:08d}", caption="", synthetic_index=i) for i in range(n)]
+                continue
+            item = {k: s[k] for k in ("id", "caption", "language", "target_text", "latents")}
+            if s["prompt_embeds"] is not None:
+                item["prompt_embeds"] = s["prompt_embeds"]
+            self.writer.add(s["bucket"], item)
 
 
 def prepare(records: list[Record], cfg: PrepareConfig, progress: bool = True) -> dict:
     """Prepare `records` at `cfg.resolution` into `cfg.output_dir`; returns that resolution's report."""
     cfg.check()
     out = Path(cfg.output_dir)
-    work = _work_dir(out, cfg.resolution)
+    work = work_dir(out, cfg.resolution)
     work.mkdir(parents=True, exist_ok=True)
     buckets = make_buckets(cfg.resolution, cfg.min_aspect, cfg.max_aspect)
     shards = [records[i : i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
@@ -345,64 +325,44 @@ def prepare(records: list[Record], cfg: PrepareConfig, progress: bool = True) ->
             if pool is not None:
                 pool.shutdown()
 
-    tmp = temp_dir(out, cfg.resolution)
-    written = _write_buckets(tmp, paths, cfg, len(buckets))
-    skipped = written["skipped"]
-    report = {
-        "resolution": cfg.resolution,
-        "inputs": written["inputs"],
-        "kept": sum(written["buckets"].values()),
-        "skipped": dict(sorted(skipped.items())),
-        "converted": dict(sorted(written["converted"].items())),
-        "buckets": written["buckets"],
+    written = _DedupingWriter(cfg, len(buckets))
+    for path in paths:
+        written.add_shard(path)
+    buckets_written = written.writer.buckets
+    report = written.writer.finish({  # the report travels inside the dataset swap; the root report is rebuilt
+        "inputs": written.inputs,
+        "kept": sum(buckets_written.values()),
+        "skipped": dict(sorted(written.skipped.items())),
+        "converted": dict(sorted(written.converted.items())),
+        "buckets": buckets_written,
         "has_prompt_embeds": bool(cfg.text_encoder),
         "fingerprint": fingerprint,
         "shards": len(keys),
         "dedup": {"enabled": cfg.dedup, "threshold_bits": cfg.dedup_threshold, "bands": cfg.dedup_threshold + 1,
-                  "hash_comparisons": written["dedup_comparisons"]},
+                  "hash_comparisons": written.index.comparisons if written.index is not None else 0},
         "config": asdict(cfg),
         "processed_this_run": sum(len(shards[k]) for k in todo),
         "reused_shards": len(keys) - len(todo),
         "seconds_this_run": round(time.perf_counter() - start, 3),
-    }
-    write_json_atomic(tmp / REPORT, report)  # inside the dataset: report and data are swapped in together
-    swap_in(tmp, final)
+    })
     current = {p.name for p in paths}
     for stale in [*work.glob("*.pt"), *work.glob(".*.tmp-*")]:  # other inputs/settings; saves cut by a kill
         if stale.name not in current:
             stale.unlink(missing_ok=True)
     for legacy in (out / WORK).glob("shard-*.pt"):  # format-1 cache, keyed by shard index only: never valid
         legacy.unlink(missing_ok=True)
-    update_root_report(out)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineArgumentParser(prog="lit-ovis prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image-dir", help="folder of images with sidecar .txt captions")
-    src.add_argument("--manifest", help="JSONL or CSV with path, caption[, language, caption_zh, target_text]")
-    src.add_argument("--synthetic", type=int, metavar="N", help="render N samples with the synthetic text engine")
-    p.add_argument("--output-dir", required=True)
-    for field_name, default in asdict(PrepareConfig(output_dir="")).items():
-        if field_name == "output_dir":
-            continue
-        flag = "--" + field_name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default)
-        else:
-            p.add_argument(flag, type=type(default) if default is not None else str, default=default)
+    add_source_options(p)
+    add_options(p, PrepareConfig)
     args = p.parse_args(argv)
-    values = {k.replace("-", "_"): v for k, v in vars(args).items()}
-    cfg = PrepareConfig(**{k: values[k] for k in asdict(PrepareConfig(output_dir="")) if k in values})
+    cfg = from_options(PrepareConfig, args)
     try:
         cfg.check()  # before reading inputs: --caption-encoding decides how captions are read
-        if args.synthetic is not None:
-            records = synthetic_records(args.synthetic)
-        elif args.image_dir:
-            records = records_from_folder(args.image_dir, cfg.caption_encoding)
-        else:
-            records = records_from_manifest(args.manifest, cfg.caption_encoding)
+        records = records_from_options(args, cfg.caption_encoding)
         report = prepare(records, cfg)
     except (DataError, ConfigError, OSError) as err:  # OSError: an unwritable output folder, a full disk
         print(f"error: {err}", file=sys.stderr)

@@ -300,3 +300,26 @@ def check_caption(caption, max_chars: int) -> str:
     if len(caption) > max_chars:
         raise Skip("long_caption")
     return caption
+
+
+def synthetic_records(n: int) -> list[Record]:
+    """N records rendered on the fly by the synthetic text engine (`data_modules.synthetic`)."""
+    return [Record(id=f"syn-{i:08d}", caption="", synthetic_index=i) for i in range(n)]
+
+
+def add_source_options(parser) -> None:
+    """The input of `prepare` and `make-pairs`: exactly one of an image folder, a manifest or the synthetic engine."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image-dir", help="folder of images with sidecar .txt captions")
+    src.add_argument("--manifest", help="JSONL or CSV with path, caption[, language, caption_zh, target_text]")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N samples of the synthetic text-rendering engine")
+
+
+def records_from_options(args, encoding: str = "utf-8") -> list[Record]:
+    """The records `add_source_options` asked for; captions and manifests read as `encoding` (no byte-order mark)."""
+    if args.synthetic is not None:
+        return synthetic_records(args.synthetic)
+    if args.image_dir:
+        return records_from_folder(args.image_dir, encoding)
+    return records_from_manifest(args.manifest, encoding)
+

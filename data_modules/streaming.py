@@ -62,10 +62,10 @@ from data_modules.chunks import ChunkDamage, ChunkSalvage, index_problem, scan_c
 from data_modules.layout import BUCKET_DIR, REPORT, report_buckets
 from data_modules.rank0 import build_on_rank0
 from lit_ovis.errors import ConfigError, DataError
+from lit_ovis.files import is_remote
 
 log = logging.getLogger(__name__)
 
-REMOTE = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://")
 LATENT_KEYS = ("latents", "latents_w", "latents_l")
 VAL_EPOCH = -1  # sampler keys with this epoch are validation / predict items: no training progress
 
@@ -75,7 +75,7 @@ def discover_buckets(root: str, resolutions: list[int] | None = None) -> list[st
     """Bucket dataset directories `<root>/<resolution>/<WxH>`, sorted. Hidden or temporary directories
     (an interrupted write's `.<res>.tmp`, `_work`) are never datasets."""
     wanted = None if resolutions is None else {int(r) for r in resolutions}
-    if root.startswith(REMOTE):
+    if is_remote(root):
         available = report_buckets(_read_remote_report(root))
         if not available:
             raise DataError(f"{root}/{REPORT} lists no prepared resolutions; run `lit-ovis prepare --output-dir {root} ...`")
@@ -364,11 +364,9 @@ class LatentDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes per rank.
         seed: seed of the batch plan (shuffle, validation hold-out).
         resolutions: prepared resolutions to train on (default: all in root).
-        synthetic_samples: > 0 builds that many synthetic text-rendering samples in root on first use.
+        synthetic_samples: > 0 builds that many synthetic text-rendering samples in root on first use, encoded
+            with the model's encoders (model.encoders).
         synthetic_resolution: resolution of that synthetic set (a multiple of 16).
-        text_encoder: text encoder for the synthetic set's precomputed embeddings (None: captions only).
-        vae: VAE for the synthetic set's latents.
-        max_sequence_length: token length of the synthetic set's text embeddings.
         val_samples_per_bucket: samples per bucket held out of training for validation.
         val_root: a separately prepared validation dataset (instead of a hold-out).
         val_batch_size: validation batch size (default: batch_size).
@@ -387,9 +385,6 @@ class LatentDataModule(L.LightningDataModule):
         resolutions: list[int] | None = None,
         synthetic_samples: int = 0,
         synthetic_resolution: int = 64,
-        text_encoder: str | None = "tiny",
-        vae: str = "tiny",
-        max_sequence_length: int = 256,
         val_samples_per_bucket: int = 0,
         val_root: str | None = None,
         val_batch_size: int | None = None,
@@ -405,7 +400,7 @@ class LatentDataModule(L.LightningDataModule):
             raise ConfigError("set one of --data.val_samples_per_bucket (held out of root) and --data.val_root (a separate dataset), not both")
         self.root, self.batch_size, self.num_workers, self.seed = root, batch_size, num_workers, seed
         self.resolutions = resolutions
-        self.synthetic = dict(samples=synthetic_samples, resolution=synthetic_resolution, text_encoder=text_encoder, vae=vae, max_sequence_length=max_sequence_length)
+        self.synthetic = dict(samples=synthetic_samples, resolution=synthetic_resolution)
         self.val_samples_per_bucket, self.val_root = val_samples_per_bucket, val_root
         self.val_batch_size = val_batch_size or batch_size
         self.build_timeout_s, self.worker_timeout_s = build_timeout_s, worker_timeout_s
@@ -422,8 +417,20 @@ class LatentDataModule(L.LightningDataModule):
     def synthetic_builder(self) -> Callable[[], Any] | None:
         """What builds this module's synthetic dataset, or None when it reads prepared data only."""
         if self.synthetic["samples"] > 0:
-            return lambda: ensure_synthetic_dataset(self.root, **self.synthetic)
+            enc = self.encoders()  # the model's (model.encoders), read now: the builder may run later
+            return lambda: ensure_synthetic_dataset(self.root, self.synthetic["samples"], self.synthetic["resolution"], **enc)
         return None
+
+    def encoders(self) -> dict[str, Any]:
+        """The model's text encoder, VAE and sequence length (`model.encoders`, set once) for data this module
+        builds itself; the tiny ones without a model (a data module used on its own)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        cfg = getattr(module, "encoders_cfg", None)
+        if cfg is None:
+            from lit_ovis.modules.config import EncoderConfig
+
+            cfg = EncoderConfig()
+        return {"text_encoder": cfg.text_encoder, "vae": cfg.vae, "max_sequence_length": cfg.max_sequence_length}
 
     def build_data(self) -> None:
         """Build the synthetic dataset, on rank 0 alone (see `build_on_rank0`); a no-op once it is there.

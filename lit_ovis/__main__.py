@@ -12,7 +12,7 @@ VERBS = {
     "prepare": ("data_modules.prepare", "images / manifest / synthetic engine -> bucketed LitData latents"),
     "export": ("lit_ovis.cli.export", "training checkpoint -> diffusers OvisImagePipeline folder"),
     "eval": ("lit_ovis.cli.eval", "generate + score a prompt set; JSON metrics and HTML gallery"),
-    "make-pairs": ("lit_ovis.cli.make_pairs", "build DPO preference pairs with a scorer ensemble"),
+    "make-pairs": ("data_modules.make_pairs", "build DPO preference pairs with a scorer ensemble"),
     "estimate-memory": ("lit_ovis.cli.estimate_memory", "per-GPU memory for a preset, mesh, resolution, batch"),
     "consolidate": ("lit_ovis.cli.consolidate", "sharded checkpoint -> one safetensors file / diffusers folder"),
     "submit": ("lit_ovis.cli.submit", "render (and submit) a SLURM sbatch script from a config"),

@@ -110,20 +110,6 @@ def prune_hpc_checkpoints(path: Path) -> list[Path]:
     return removed
 
 
-def check_readable(path: str | os.PathLike, option: str = "--ckpt_path") -> None:
-    """Cheap checks before a run loads `path` (reads only a zip's directory, never the tensors)."""
-    p = Path(path)
-    fix = "pass an existing checkpoint, `last` to resume the newest one, or `null` to start fresh"
-    if not p.exists():
-        raise CheckpointError(f"{option}: '{path}' does not exist; {fix}")
-    if p.is_dir():
-        if not (p / ".metadata").exists():
-            raise CheckpointError(f"{option}: '{path}' is a directory without sharded-checkpoint metadata (.metadata); {fix}")
-        return
-    if not zipfile.is_zipfile(p):
-        raise CheckpointError(f"{option}: '{path}' is not a complete checkpoint (truncated or corrupt); {fix}")
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         if storage_options is not None:

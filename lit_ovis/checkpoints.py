@@ -1,12 +1,20 @@
-"""Reading training checkpoints: single-file Lightning `.ckpt` or sharded DCP directories.
+"""The one reader of training checkpoints: single-file Lightning `.ckpt` files and sharded (DCP) directories.
 
-Returns the backbone weights in diffusers key layout (optionally the EMA weights) and the module's
-hyper-parameters, so export and eval need no stage-specific code.
+It owns the on-disk knowledge every reader needs: which paths are training checkpoints and whether they are
+complete, the key prefixes (`backbone.`, `ema.`, DCP's `state_dict.`), reading only the backbone (and EMA) of
+a sharded directory, and turning a checkpoint into backbone weights in diffusers key layout plus the module's
+hyper-parameters. Export, eval, consolidate, resume, the CLI's `--ckpt_path` check and `backbone.pretrained`
+only call it, so none of them needs stage-specific code or the DCP layout. (Writing is
+`lit_ovis.checkpoint_io` and `lit_ovis.parallel.strategy`.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +24,59 @@ from lit_ovis.errors import CheckpointError
 
 BACKBONE_PREFIX = "backbone."
 EMA_PREFIX = "ema."
+# A sharded checkpoint is a DCP directory: `.metadata` (written last, so it marks a complete save), the
+# shards, and rank 0's `meta.pt` (hyper-parameters, loop state); tensors are keyed `state_dict.<key>`.
+SHARDED_METADATA = ".metadata"
+SHARDED_META_FILE = "meta.pt"
+DCP_STATE_PREFIX = "state_dict."
+
+# `--weights` of export / eval: which backbone weights a training checkpoint gives (`backbone_state_dict`'s use_ema).
+WEIGHTS = {"auto": None, "ema": True, "raw": False}
 
 
+# ------------------------------------------------------------------------------------------ what a path is
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A DCP directory whose save finished (its `.metadata` exists)."""
+    return (Path(path) / SHARDED_METADATA).is_file()
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """A Lightning `.ckpt` file or a sharded checkpoint directory (of this or a previous stage)."""
+    return str(path).endswith(".ckpt") or is_sharded_checkpoint(path)
+
+
+def is_complete(path: Path) -> bool:
+    """A `.ckpt` file (atomically renamed into place) or a sharded directory with DCP metadata.
+    `.X.old` (a complete sharded checkpoint moved aside during a swap) counts; temp files never do."""
+    if ".tmp" in path.name or (path.name.startswith(".") and not path.name.endswith(".old")):
+        return False
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            return False
+        # torch.save writes a zip; a damaged file (a disk fault, a copy cut short) lacks its directory.
+        # Reading the directory costs a seek, not a load.
+        if not zipfile.is_zipfile(path):
+            warnings.warn(f"skipping {path}: not a complete checkpoint (truncated or corrupt)", stacklevel=2)
+            return False
+        return True
+    return path.is_dir() and is_sharded_checkpoint(path)
+
+
+def check_readable(path: str | os.PathLike, option: str = "--ckpt_path") -> None:
+    """Cheap checks before a run loads `path` (reads only a zip's directory, never the tensors)."""
+    p = Path(path)
+    fix = "pass an existing checkpoint, `last` to resume the newest one, or `null` to start fresh"
+    if not p.exists():
+        raise CheckpointError(f"{option}: '{path}' does not exist; {fix}")
+    if p.is_dir():
+        if not is_sharded_checkpoint(p):
+            raise CheckpointError(f"{option}: '{path}' is a directory without sharded-checkpoint metadata ({SHARDED_METADATA}); {fix}")
+        return
+    if not zipfile.is_zipfile(p):
+        raise CheckpointError(f"{option}: '{path}' is not a complete checkpoint (truncated or corrupt); {fix}")
+
+
+# ------------------------------------------------------------------------------------------------ reading
 def _load_file(path: Path) -> dict[str, Any]:
     try:
         # Lightning checkpoints hold the dataclass hyper-parameters, so a full unpickle is needed. Memory-mapped:
@@ -30,6 +89,41 @@ def _load_file(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(err).__name__}); use an earlier checkpoint or re-run training") from None
 
 
+def load_sharded_checkpoint(path: str | os.PathLike, ema: bool = True) -> dict[str, Any]:
+    """Read the backbone (and with `ema` the EMA weights) of a Lightning ModelParallelStrategy checkpoint
+    directory into one in-memory checkpoint dict, plus the small `meta.pt` (hyper-parameters, loops).
+
+    Only those tensors are read: the state dict to load is built from the DCP metadata for the requested
+    keys and `dcp.load` fills it, so the optimizer moments (2x the weights) never reach host memory.
+    """
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path}: not a complete sharded checkpoint (no {SHARDED_METADATA}); use an earlier checkpoint")
+    reader = FileSystemReader(str(path))
+    try:
+        metadata = reader.read_metadata()
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign .metadata
+        raise CheckpointError(f"{path}/{SHARDED_METADATA}: unreadable ({type(err).__name__}); use an earlier checkpoint") from None
+    prefixes = tuple(DCP_STATE_PREFIX + p for p in ((BACKBONE_PREFIX, EMA_PREFIX) if ema else (BACKBONE_PREFIX,)))
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key.startswith(prefixes) and isinstance(item, TensorStorageMetadata):
+            state_dict[key[len(DCP_STATE_PREFIX):]] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not state_dict:
+        raise CheckpointError(f"{path}: holds no backbone weights (no '{DCP_STATE_PREFIX}{BACKBONE_PREFIX}' keys); is it a lit-ovis training checkpoint?")
+    with warnings.catch_warnings():  # single-process loading is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load({"state_dict": state_dict}, storage_reader=reader, no_dist=True)
+    state: dict[str, Any] = {"state_dict": state_dict}
+    meta = path / SHARDED_META_FILE
+    if meta.exists():
+        state.update(torch.load(meta, map_location="cpu", weights_only=False))
+    return state
+
+
 def load_training_checkpoint(path: str | os.PathLike, ema: bool = True) -> dict[str, Any]:
     """Load a `.ckpt` file or a sharded checkpoint directory into one in-memory checkpoint dict. From a
     sharded directory only the backbone (and with `ema` the EMA weights) is read, never optimizer state;
@@ -38,14 +132,31 @@ def load_training_checkpoint(path: str | os.PathLike, ema: bool = True) -> dict[
     if not p.exists():
         raise CheckpointError(f"{p}: checkpoint not found; pass a .ckpt file or a sharded checkpoint directory")
     if p.is_dir():
-        from lit_ovis.cli.consolidate import load_sharded_checkpoint
-
         return load_sharded_checkpoint(p, ema=ema)
     return _load_file(p)
 
 
-# `--weights` of export / eval: which backbone weights a training checkpoint gives (`backbone_state_dict`'s use_ema).
-WEIGHTS = {"auto": None, "ema": True, "raw": False}
+# ------------------------------------------------------------------------------------------ what it holds
+def hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return dict(checkpoint.get("hyper_parameters") or {})
+
+
+def config_section(checkpoint: dict[str, Any], key: str, cls):
+    """The module's `key` config group (e.g. "backbone" -> BackboneConfig) as saved by `save_hyperparameters`:
+    a dataclass, or a dict in checkpoints written through the CLI; the class default when it is absent."""
+    value = hyper_parameters(checkpoint).get(key)
+    return dataclass_from(cls, value) if isinstance(value, dict) else (value if value is not None else cls())
+
+
+def dataclass_from(cls, values: dict[str, Any]):
+    """A config dataclass from a (nested) dict, nested groups (e.g. GRPOConfig.rollout) built as their dataclasses."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = dataclass_from(hints[f.name], value) if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict) else value
+    return cls(**kwargs)
 
 
 def uses_ema_weights(checkpoint: dict[str, Any]) -> bool:
@@ -66,7 +177,7 @@ def backbone_state_dict(checkpoint: dict[str, Any], use_ema: bool | None = False
         raise CheckpointError("checkpoint has no 'state_dict'; is it a lit-ovis training checkpoint?")
     weights = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     if not weights:
-        raise CheckpointError("checkpoint holds no backbone weights (no 'backbone.' keys); is it a lit-ovis training checkpoint?")
+        raise CheckpointError(f"checkpoint holds no backbone weights (no '{BACKBONE_PREFIX}' keys); is it a lit-ovis training checkpoint?")
     if use_ema:
         ema = {k[len(EMA_PREFIX):].replace("__", "."): v for k, v in state.items() if k.startswith(EMA_PREFIX)}
         if not ema:
@@ -75,5 +186,7 @@ def backbone_state_dict(checkpoint: dict[str, Any], use_ema: bool | None = False
     return weights
 
 
-def hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    return dict(checkpoint.get("hyper_parameters") or {})
+def sampled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Backbone weights of a training checkpoint, the ones its run sampled with: what the next stage starts
+    from (SFT from pretraining, DPO from SFT, ...)."""
+    return backbone_state_dict(load_training_checkpoint(path), use_ema=None)

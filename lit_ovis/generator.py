@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
+from lit_ovis.checkpoints import backbone_state_dict, config_section, load_training_checkpoint
 from lit_ovis.errors import CheckpointError
 from lit_ovis.models.backbone import build_backbone
 from lit_ovis.models.text_encoder import OvisTextEncoder, build_text_encoder
@@ -33,11 +33,6 @@ class Generator:
         return generate_images(self.transformer, self.text_encoder, self.vae, list(prompts), cfg, seed, height, width)
 
 
-def _cfg(hp: dict, key: str, cls):
-    value = hp.get(key)
-    return cls(**value) if isinstance(value, dict) else (value if value is not None else cls())
-
-
 def load_generator(path: str, max_sequence_length: int | None = None, use_ema: bool | None = None) -> Generator:
     """`use_ema=None`: the weights the run sampled with (EMA when it had and used one), like `export`."""
     p = Path(path)
@@ -53,8 +48,8 @@ def load_generator(path: str, max_sequence_length: int | None = None, use_ema: b
     if not p.exists():
         raise CheckpointError(f"{path}: not found; pass a .ckpt, a sharded checkpoint directory or an exported diffusers folder")
     ckpt = load_training_checkpoint(p, ema=use_ema is not False)
-    hp = hyper_parameters(ckpt)
-    backbone_cfg, encoders, sampling = _cfg(hp, "backbone", BackboneConfig), _cfg(hp, "encoders", EncoderConfig), _cfg(hp, "sampling", SamplingConfig)
+    backbone_cfg = config_section(ckpt, "backbone", BackboneConfig)
+    encoders, sampling = config_section(ckpt, "encoders", EncoderConfig), config_section(ckpt, "sampling", SamplingConfig)
     transformer = build_backbone(backbone_cfg.preset)
     transformer.load_state_dict(backbone_state_dict(ckpt, use_ema=use_ema), strict=True)
     encoder = build_text_encoder(encoders.text_encoder, max_sequence_length or encoders.max_sequence_length)

@@ -21,9 +21,9 @@ import re
 from typing import Any, Mapping, NamedTuple
 
 from lit_ovis.errors import ConfigError
+from lit_ovis.files import is_remote
 from lit_ovis.models.presets import TEXT_ENCODER_PRESETS, TRANSFORMER_PRESETS, VAE_PRESETS
 
-REMOTE_PREFIXES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "hf://", "http://", "https://", "local:")
 # Paths a data module builds itself when asked for a synthetic set; the others must always exist.
 BUILT_PATHS = ("root", "data_dir", "path")
 USER_PATHS = ("prompt_file", "val_root")
@@ -76,23 +76,22 @@ RANGES: dict[str, Range] = {
     "model.init_args.flow_matching.logit_std": POSITIVE,
     "model.init_args.flow_matching.shift": POSITIVE,
     "model.init_args.flow_matching.loss_buckets": AT_LEAST_1,
-    "model.init_args.dpo.logit_std": POSITIVE,
-    "model.init_args.dpo.shift": POSITIVE,
+    "model.init_args.sdpo.logit_std": POSITIVE,
+    "model.init_args.sdpo.shift": POSITIVE,
     "model.init_args.parallel.checkpoint_every_n_blocks": AT_LEAST_1,
     "model.init_args.lora.rank": AT_LEAST_1,
     "model.init_args.lora.alpha": POSITIVE,
-    "model.init_args.grpo.kl_beta": NON_NEGATIVE,
-    "model.init_args.grpo.clip_range": POSITIVE,
-    "model.init_args.grpo.window_size": AT_LEAST_1,
-    "model.init_args.grpo.window_ema": FRACTION,
-    "model.init_args.grpo.window_explore": FRACTION,
+    "model.init_args.grpo.update.kl_beta": NON_NEGATIVE,
+    "model.init_args.grpo.update.clip_range": POSITIVE,
+    "model.init_args.grpo.window.size": AT_LEAST_1,
+    "model.init_args.grpo.window.ema": FRACTION,
+    "model.init_args.grpo.window.explore": FRACTION,
     "data.init_args.num_workers": NON_NEGATIVE,
     "data.init_args.val_samples_per_bucket": NON_NEGATIVE,
     "data.init_args.val_batch_size": AT_LEAST_1,
     "data.init_args.synthetic_samples": NON_NEGATIVE,
     "data.init_args.synthetic_pairs": NON_NEGATIVE,
     "data.init_args.synthetic_prompts": NON_NEGATIVE,
-    "data.init_args.max_sequence_length": AT_LEAST_1,
     "data.init_args.zh_fraction": FRACTION,
     "data.init_args.limit": AT_LEAST_1,
     "data.init_args.build_timeout_s": POSITIVE,
@@ -132,19 +131,20 @@ FRACTION_OR_COUNT = ("trainer.limit_train_batches", "trainer.limit_val_batches",
 def _choices() -> dict[str, tuple]:
     from lit_ovis.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TIMESTEP_SHIFTS
     from lit_ovis.losses.dpo import SAFEGUARD_RULES
-    from lit_ovis.modules.config import DTYPES
+    from lit_ovis.dtypes import DTYPES
+    from lit_ovis.losses.window import MODES, SIGNALS
 
     flow = {"timestep_sampling": TIMESTEP_SAMPLINGS, "timestep_shift": TIMESTEP_SHIFTS, "loss_weighting": LOSS_WEIGHTINGS}
-    choices = {f"model.init_args.{group}.{key}": values for group in ("flow_matching", "dpo") for key, values in flow.items()}
+    choices = {f"model.init_args.{group}.{key}": values for group in ("flow_matching", "sdpo") for key, values in flow.items()}
     choices.update({
-        "model.init_args.dpo.safeguard_rule": SAFEGUARD_RULES,
+        "model.init_args.sdpo.safeguard.rule": SAFEGUARD_RULES,
         "model.init_args.encoders.dtype": tuple(DTYPES),
         "model.init_args.parallel.param_dtype": tuple(DTYPES),
         "model.init_args.parallel.reduce_dtype": tuple(DTYPES),
         "model.init_args.parallel.activation_checkpointing": ("none", "full", "selective"),  # lit_ovis.parallel.memory
-        "model.init_args.grpo.window": ("adaptive", "sliding", "fixed", "all"),
-        "model.init_args.grpo.window_signal": ("noise", "logp_change"),
-        "model.init_args.grpo.log_prob_reduce": ("mean", "sum"),
+        "model.init_args.grpo.window.mode": MODES,
+        "model.init_args.grpo.window.signal": SIGNALS,
+        "model.init_args.grpo.rollout.log_prob_reduce": ("mean", "sum"),
     })
     return choices
 
@@ -232,7 +232,7 @@ def world_size(trainer: Any) -> int | None:
 
 
 def _local_path_missing(path: Any) -> bool:
-    return isinstance(path, str) and bool(path) and not path.startswith(REMOTE_PREFIXES) and not os.path.exists(path)
+    return isinstance(path, str) and bool(path) and not is_remote(path) and not os.path.exists(path)
 
 
 def check_weights_source(value: Any, option: str, presets: Mapping) -> None:
@@ -250,7 +250,7 @@ def check_model(args: Any) -> None:
     if preset is not None and preset not in TRANSFORMER_PRESETS and not _get(args, "backbone.pretrained"):
         raise ConfigError(f"--model.backbone.preset: unknown preset '{preset}'; choose one of {sorted(TRANSFORMER_PRESETS)}")
     check_weights_source(_get(args, "backbone.pretrained"), "--model.backbone.pretrained", {})
-    check_weights_source(_get(args, "dpo.reference_pretrained"), "--model.dpo.reference_pretrained", {})
+    check_weights_source(_get(args, "sdpo.reference_pretrained"), "--model.sdpo.reference_pretrained", {})
     check_weights_source(_get(args, "encoders.text_encoder"), "--model.encoders.text_encoder", TEXT_ENCODER_PRESETS)
     check_weights_source(_get(args, "encoders.vae"), "--model.encoders.vae", VAE_PRESETS)
     height, width = _get(args, "sampling.height"), _get(args, "sampling.width")
@@ -259,17 +259,18 @@ def check_model(args: Any) -> None:
     grpo = _get(args, "grpo")
     if grpo is not None:
         # GRPO slices rollouts and updates with these as range() steps: 0 would crash after the first rollout.
-        for key in ("group_size", "rollout_batch_size", "train_batch_size", "inner_epochs", "optimizer_steps_per_epoch"):
+        for key in ("rollout.group_size", "rollout.batch_size", "update.batch_size", "update.inner_epochs",
+                    "update.optimizer_steps_per_epoch"):
             value = _get(grpo, key)
             if value is not None and int(value) < 1:
                 raise ConfigError(f"--model.grpo.{key} must be >= 1 (got {value})")
-        steps, cps = _get(grpo, "rollout_steps"), _get(grpo, "sampler", "cps") == "cps"
+        steps, cps = _get(grpo, "rollout.steps"), _get(grpo, "rollout.sampler", "cps") == "cps"
         if steps is not None and int(steps) < (2 if cps else 1):
-            raise ConfigError(f"--model.grpo.rollout_steps must be >= {2 if cps else 1} (got {steps})"
+            raise ConfigError(f"--model.grpo.rollout.steps must be >= {2 if cps else 1} (got {steps})"
                               + ("; the CPS step to t = 0 is deterministic and leaves nothing to train" if cps else ""))
-        gh, gw = _get(grpo, "height"), _get(grpo, "width")
+        gh, gw = _get(grpo, "rollout.height", height), _get(grpo, "rollout.width", width)  # unset: model.sampling's
         if gh is not None and gw is not None:
-            check_resolution(int(gh), int(gw), "--model.grpo.height/width")
+            check_resolution(int(gh), int(gw), "--model.grpo.rollout.height/width")
 
 
 def _check_side(value: Any, option: str) -> None:
@@ -279,7 +280,7 @@ def _check_side(value: Any, option: str) -> None:
 
 def prepared_buckets(root: str, resolutions: list[int] | None) -> dict[str, int] | None:
     """{`<res>/<WxH>`: samples} from a local prepared root's report.json, or None when there is none."""
-    if not isinstance(root, str) or not root or root.startswith(REMOTE_PREFIXES):
+    if not isinstance(root, str) or not root or is_remote(root):
         return None
     try:
         with open(os.path.join(root, "report.json"), encoding="utf-8") as f:

@@ -1,10 +1,12 @@
-"""Small text-drawing helpers shared by sample grids and galleries (font lookup that covers CJK)."""
+"""Small drawing helpers shared by sample grids, galleries and GRPO's rollout grid (font lookup that covers CJK)."""
 
 from __future__ import annotations
 
 import functools
 import glob
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 LATIN_FONTS = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
@@ -43,3 +45,21 @@ def caption_strip(text: str, width: int, height: int, font) -> Image.Image:
         line = line[:-2] + "…" if len(line) > 2 else ""
     draw.text((3, 2), line, fill="black", font=font)
     return strip
+
+
+def reward_grid(images: torch.Tensor, rewards: torch.Tensor, nrow: int = 4) -> torch.Tensor:
+    """[3, H', W'] grid of images in [0, 1], each stamped with its reward (for TensorBoard)."""
+    n, _, h, w = images.shape
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    grid = torch.ones(3, rows * (h + 2), ncol * (w + 2))
+    for i in range(n):
+        arr = (images[i].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+        pil = Image.fromarray(arr)
+        draw = ImageDraw.Draw(pil)
+        draw.rectangle([0, 0, min(w, 40), 10], fill=(0, 0, 0))
+        draw.text((1, -1), f"{float(rewards[i]):.3g}", fill=(255, 255, 0))
+        img = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
+        r, c = divmod(i, ncol)
+        grid[:, r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = img
+    return grid

@@ -8,26 +8,9 @@ time limit or a preemption. The newest complete candidate wins.
 from __future__ import annotations
 
 import os
-import warnings
-import zipfile
 from pathlib import Path
 
-
-def is_complete(path: Path) -> bool:
-    """A `.ckpt` file (atomically renamed into place) or a sharded directory with DCP metadata.
-    `.X.old` (a complete sharded checkpoint moved aside during a swap) counts; temp files never do."""
-    if ".tmp" in path.name or (path.name.startswith(".") and not path.name.endswith(".old")):
-        return False
-    if path.is_file():
-        if path.suffix != ".ckpt":
-            return False
-        # torch.save writes a zip; a damaged file (a disk fault, a copy cut short) lacks its directory.
-        # Reading the directory costs a seek, not a load.
-        if not zipfile.is_zipfile(path):
-            warnings.warn(f"skipping {path}: not a complete checkpoint (truncated or corrupt)", stacklevel=2)
-            return False
-        return True
-    return path.is_dir() and (path / ".metadata").exists()
+from lit_ovis.checkpoints import is_complete
 
 
 def checkpoint_dirs(trainer) -> list[Path]:

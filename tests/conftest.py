@@ -41,6 +41,15 @@ def tiny_pipeline(tiny_backbone, tiny_text_encoder, tiny_vae):
     return build_pipeline(tiny_backbone, tiny_text_encoder, tiny_vae, SamplingConfig())
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models are dominated by thread overhead on a shared 2-core machine: run the test on one thread."""
+    from helpers import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
 

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_main
 from lit_ovis.cli.lightning_cli import run
 from lit_ovis.errors import ConfigError
 from lit_ovis.preflight import check_config
@@ -22,13 +21,8 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if line.startswith("error:")]
 
 
-def main_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def test_print_config_shows_overrides():
-    proc = main_py("fit", "--config", "configs/demo.yaml", "--model.optimizer.lr", "1e-5", "--trainer.max_steps", "100", "--print_config")
+    proc = run_main("fit", "--config", "configs/demo.yaml", "--model.optimizer.lr", "1e-5", "--trainer.max_steps", "100", "--print_config")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lr: 1.0e-05" in proc.stdout and "max_steps: 100" in proc.stdout
     assert "\nckpt_path: last\n" in proc.stdout  # a rerun resumes by default
@@ -36,7 +30,7 @@ def test_print_config_shows_overrides():
 
 def test_override_changes_the_value_used(tmp_path):
     run = tmp_path / "run"
-    proc = main_py(
+    proc = run_main(
         "fit", "--config", "configs/demo.yaml", "--model.optimizer.lr", "3.5e-4", "--model.optimizer.warmup_steps", "0",
         "--trainer.max_steps", "2", f"--trainer.default_root_dir={run}", "--trainer.logger=false",
         "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={run}/ckpt",
@@ -55,7 +49,7 @@ def test_override_changes_the_value_used(tmp_path):
 
 def test_missing_prompt_file_fails_even_with_synthetic_prompts():
     """PromptDataModule serves the file's prompts *and* the synthetic ones: a given file must exist."""
-    proc = main_py("fit", "--config", "configs/grpo.yaml", "--data.prompt_file=/nonexistent/prompts.jsonl", timeout=120)
+    proc = run_main("fit", "--config", "configs/grpo.yaml", "--data.prompt_file=/nonexistent/prompts.jsonl", timeout=120)
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert lines == ["error: --data.prompt_file: '/nonexistent/prompts.jsonl' does not exist; fix the path"], proc.stderr[-2000:]
@@ -80,10 +74,10 @@ def _cfg(devices=1, nodes=1, data=None, model=None, strategy=None):
         (_cfg(8, 1, strategy={"tensor_parallel_size": 1, "data_parallel_size": 4}), "data_parallel_size=4 x tensor_parallel_size=1 != world size 8"),
         (_cfg(8, 1, data={"synthetic_prompts": 4, "batch_size": 1}), "--data.synthetic_prompts=4 is fewer than --data.batch_size=1 x 8 ranks"),
         (_cfg("0,1,2,3", 1, data={"root": "d", "synthetic_samples": 12, "batch_size": 4}), "--data.synthetic_samples=12 is fewer than --data.batch_size=4 x 4 ranks"),
-        (_cfg(model={"grpo": {"train_batch_size": 0}}), "--model.grpo.train_batch_size must be >= 1"),
-        (_cfg(model={"grpo": {"rollout_batch_size": 0}}), "--model.grpo.rollout_batch_size must be >= 1"),
-        (_cfg(model={"grpo": {"sampler": "cps", "rollout_steps": 1}}), "--model.grpo.rollout_steps must be >= 2"),
-        (_cfg(model={"grpo": {"height": 500, "width": 512}}), "--model.grpo.height/width: 500x512 is not a multiple of 16"),
+        (_cfg(model={"grpo": {"update": {"batch_size": 0}}}), "--model.grpo.update.batch_size must be >= 1"),
+        (_cfg(model={"grpo": {"rollout": {"batch_size": 0}}}), "--model.grpo.rollout.batch_size must be >= 1"),
+        (_cfg(model={"grpo": {"rollout": {"sampler": "cps", "steps": 1}}}), "--model.grpo.rollout.steps must be >= 2"),
+        (_cfg(model={"grpo": {"rollout": {"height": 500, "width": 512}}}), "--model.grpo.rollout.height/width: 500x512 is not a multiple of 16"),
         (_cfg(data={"batch_size": 0}), "--data.batch_size must be >= 1"),
     ],
 )
@@ -101,7 +95,7 @@ def test_preflight_rejects_configs_that_cannot_work(cfg, message):
         _cfg(8, 1, strategy={"tensor_parallel_size": 2, "data_parallel_size": 4}),
         _cfg("auto", 1, model={"parallel": {"data_parallel_replicate": 3}}),  # world size unknown until launch
         _cfg(8, 1, data={"synthetic_prompts": 4, "batch_size": 1, "prompt_file": __file__}),  # the file adds prompts
-        _cfg(model={"grpo": {"sampler": "sde", "rollout_steps": 1, "train_batch_size": 3, "group_size": 4}}),
+        _cfg(model={"grpo": {"rollout": {"sampler": "sde", "steps": 1, "group_size": 4}, "update": {"batch_size": 3}}}),
     ],
 )
 def test_preflight_accepts_configs_that_work(cfg):
@@ -143,7 +137,7 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_run(tmp_path, data, *callbacks: str, steps: int = 6) -> subprocess.CompletedProcess:
-    return main_py(
+    return run_main(
         "fit", "--config", "configs/demo.yaml", "--trainer.max_steps", str(steps), f"--trainer.default_root_dir={tmp_path}/run",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.callbacks=callbacks.nan_guard.NanGuard",
         "--trainer.callbacks.max_consecutive=2", *callbacks, f"--data.root={data}", "--data.synthetic_samples=16",

@@ -41,3 +41,57 @@ def test_stage_config_resolves(stage):
 def test_strategy_overlays_resolve_on_a_stage(overlay):
     cfg = resolved("sft", f"strategy/{overlay}")
     assert cfg["trainer"]["strategy"]["class_path"].startswith("lit_ovis.parallel.strategy.")
+
+
+STAGE_MODULES = ["lit_ovis.modules.flow_matching.FlowMatchingModule", "lit_ovis.modules.sdpo.SDPOModule",
+                 "lit_ovis.modules.grpo.GRPOModule"]
+
+
+def option_help(class_path: str) -> dict[str, str]:
+    """{option: help text} of every init option of a stage module, as LightningCLI builds them (nested config
+    dataclasses included), without the config-file options of the groups."""
+    import importlib
+
+    from jsonargparse import ArgumentParser, ActionConfigFile
+
+    from lit_ovis.cli.lightning_cli import HELP_FLAGS  # importing the CLI turns on field docstrings as help
+
+    assert HELP_FLAGS
+
+    module, name = class_path.rsplit(".", 1)
+    parser = ArgumentParser()
+    parser.add_class_arguments(getattr(importlib.import_module(module), name), "model")
+    return {a.dest: (a.help or "").strip() for a in parser._actions
+            if a.dest.startswith("model.") and not isinstance(a, ActionConfigFile) and "CONFIG" not in (a.metavar or "")}
+
+
+@pytest.mark.parametrize("class_path", STAGE_MODULES)
+def test_every_config_field_of_every_stage_has_help(class_path):
+    options = option_help(class_path)
+    assert len(options) > 40 and "model.optimizer.lr" in options and "model.parallel.compile" in options
+    undocumented = sorted(k for k, text in options.items() if not text)
+    assert undocumented == [], f"config fields without a docstring (add one on the line after the field): {undocumented}"
+
+
+def test_the_help_check_sees_a_missing_docstring(tmp_path, monkeypatch):
+    (tmp_path / "undocumented_stage.py").write_text(
+        "from dataclasses import dataclass\n\n@dataclass\nclass Knobs:\n    a: int = 1\n    \"\"\"documented\"\"\"\n    b: int = 2\n\n"
+        "class Stage:\n    def __init__(self, knobs: Knobs = Knobs()):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    options = option_help("undocumented_stage.Stage")
+    assert options["model.knobs.a"] == "documented" and options["model.knobs.b"] == ""
+
+
+def test_help_after_a_stage_config_describes_every_option(capsys):
+    """`python main.py fit --config configs/grpo.yaml --help` shows every GRPO option with its description."""
+    from lit_ovis.cli.lightning_cli import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", "--config", str(ROOT / "configs" / "grpo.yaml"), "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # help wraps lines
+    options = option_help("lit_ovis.modules.grpo.GRPOModule")
+    grpo = {k: v for k, v in options.items() if k.startswith("model.grpo.")}
+    assert len(grpo) >= 30 and "--trainer.max_steps" in out  # the trainer's options are still there
+    for option, text in grpo.items():
+        assert f"--{option} " in out and " ".join(text.split()) in out, option

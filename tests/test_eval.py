@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import re
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from helpers import LatentSet, loader, tiny_flow_module
-from lit_ovis.cli.eval import aggregate, evaluate, main as eval_main
+from helpers import LatentSet, loader, tiny_flow_module, tiny_trainer, torch_threads
+from lit_ovis.cli.eval import evaluate, main as eval_main
+from lit_ovis.scoring.metrics import aggregate
 from lit_ovis.generator import load_generator
 from lit_ovis.scoring import build_scorer
 from lit_ovis.scoring.metrics import word_scores
@@ -24,7 +24,7 @@ from lit_ovis.scoring.prompt_sets import read_prompt_set
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalckpt")
     module = tiny_flow_module()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer = tiny_trainer(1, default_root_dir=root)
     trainer.fit(module, loader(LatentSet(n=4)))
     trainer.save_checkpoint(root / "m.ckpt")
     return module, root / "m.ckpt"
@@ -229,14 +229,9 @@ def test_eval_callback_fires_on_optimizer_steps_under_accumulation(tmp_path):
         def run(self, trainer, pl_module):
             self.steps.append(trainer.global_step)
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        spy = Spy()
-        trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[spy])
+    spy = Spy()
+    with torch_threads(1):
+        trainer = tiny_trainer(3, accumulate_grad_batches=2, default_root_dir=tmp_path, callbacks=[spy])
         trainer.fit(tiny_flow_module(), loader(LatentSet(n=8), batch_size=1))
-    finally:
-        torch.set_num_threads(n)
     assert trainer.global_step == 3
     assert spy.steps == [1, 2, 3]  # once per optimizer step, not once per micro-batch (6 micro-batches)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import OvisImagePipeline
 
-from helpers import LatentSet, loader, tiny_flow_module
+from helpers import LatentSet, loader, tiny_flow_module, tiny_trainer
 from lit_ovis.cli.export import export_checkpoint, main as export_main
 
 
@@ -17,10 +17,7 @@ def trained_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     L.seed_everything(0)
     module = tiny_flow_module()
-    trainer = L.Trainer(
-        max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-    )
+    trainer = tiny_trainer(5, default_root_dir=root)
     trainer.fit(module, loader(LatentSet(n=4)))
     path = root / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -48,8 +45,7 @@ def test_export_of_an_ema_run_generates_what_its_sample_grids_showed(tmp_path):
 
     L.seed_everything(0)
     module = tiny_flow_module(ema=EMAConfig(enabled=True, decay=0.5))
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = tiny_trainer(4, default_root_dir=tmp_path)
     trainer.fit(module, loader(LatentSet(n=4)))
     trainer.save_checkpoint(tmp_path / "ema.ckpt")
     pipe = OvisImagePipeline.from_pretrained(export_checkpoint(str(tmp_path / "ema.ckpt"), str(tmp_path / "out")))

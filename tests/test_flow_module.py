@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from helpers import LatentSet, loader, tiny_flow_module
+from helpers import LatentSet, StageModuleTester, loader, tiny_flow_module, tiny_trainer
 
 
 def fixed_loss(module, batch) -> float:
@@ -22,10 +22,7 @@ def test_tiny_model_overfits_a_few_samples(tmp_path):
     data = LatentSet(n=4)
     batch = next(iter(loader(data)))
     before = fixed_loss(module, batch)
-    trainer = L.Trainer(
-        max_steps=150, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
+    trainer = tiny_trainer(150, default_root_dir=tmp_path)
     trainer.fit(module, loader(data, shuffle=True))
     after = fixed_loss(module, batch)
     assert after < 0.5 * before, (before, after)
@@ -36,10 +33,7 @@ def test_ema_tracks_weights_and_is_saved(tmp_path):
 
     L.seed_everything(0)
     module = tiny_flow_module(ema=EMAConfig(enabled=True, decay=0.5))
-    trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
+    trainer = tiny_trainer(3, default_root_dir=tmp_path)
     trainer.fit(module, loader(LatentSet(n=4)))
     shadow = module.ema.shadow_state_dict()
     name = "proj_out.weight"
@@ -94,10 +88,7 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation(tmp_path):
     calls = []
     update = module.ema.update
     module.ema.update = lambda model, decay=None: (calls.append(1), update(model, decay))
-    trainer = L.Trainer(
-        max_steps=2, accumulate_grad_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
+    trainer = tiny_trainer(2, accumulate_grad_batches=2, default_root_dir=tmp_path)
     trainer.fit(module, loader(LatentSet(n=8), batch_size=2))
     assert trainer.global_step == 2 and len(calls) == 2
 
@@ -131,3 +122,8 @@ def test_predict_writes_one_png_per_prompt_and_reruns_cleanly(tmp_path):
     expected = (module.sample([rows[1]["prompt"]], seed=[seed])[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     got = torch.from_numpy(np.array(Image.open(out / "p1.png")))
     assert torch.equal(got, torch.from_numpy(expected))
+
+
+class TestFlowMatchingStage(StageModuleTester):
+    def make_module(self):
+        return tiny_flow_module(configure=False)

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lit_ovis.losses.grpo import group_advantages
-from lit_ovis.modules.grpo import global_group_advantages, prompt_keys
+from lit_ovis.modules.grpo import prompt_keys
+from lit_ovis.parallel.collectives import global_group_advantages
 
 PROMPTS = ["a red poster", "OPEN 24 HOURS", "欢迎光临"]
 

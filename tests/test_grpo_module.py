@@ -1,4 +1,4 @@
-"""GRPOModule: on-policy consistency, LoRA reference, the config's tiny override, and learning a reward."""
+"""GRPOModule: on-policy consistency, LoRA reference, the config under the tiny overlay, and learning a reward."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
-from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, LoRASettings, reward_grid
-from lit_ovis.parallel.fsdp import ParallelConfig
+from helpers import StageModuleTester, run_main, tiny_stage_args, tiny_trainer
+from lit_ovis.losses.window import WindowConfig
+from lit_ovis.modules.config import EncoderConfig, OptimizerConfig
+from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, LoRASettings, RolloutConfig, UpdateConfig
+from lit_ovis.render import reward_grid
 from lit_ovis.sampling.generate import SamplingConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo.yaml"
@@ -27,13 +29,16 @@ def prompt_loader(n_prompts=2, batch_size=2, repeats=500):
     return DataLoader(items * repeats, batch_size=batch_size)
 
 
-def tiny_grpo(lr=1e-3, lora=False, **grpo):
-    kw = dict(group_size=4, rollout_steps=4, height=32, width=32, guidance_scale=1.0, rollout_batch_size=8,
-              train_batch_size=8, clip_range=0.2, kl_beta=0.01, window_size=2, log_images_every_n_steps=0)
-    kw.update(grpo)
+def tiny_grpo(lr=1e-3, lora=False, rollout=None, update=None, window=None, **grpo):
+    """A tiny GRPO module; `rollout`, `update` and `window` override those groups' tiny settings."""
+    cfg = GRPOConfig(
+        rollout=RolloutConfig(**{**dict(group_size=4, steps=4, height=32, width=32, guidance_scale=1.0, batch_size=8), **(rollout or {})}),
+        update=UpdateConfig(**{**dict(batch_size=8, clip_range=0.2, kl_beta=0.01), **(update or {})}),
+        window=WindowConfig(**{**dict(size=2), **(window or {})}),
+        **{"log_images_every_n_steps": 0, **grpo})
     m = GRPOModule(encoders=EncoderConfig(max_sequence_length=8), optimizer=OptimizerConfig(lr=lr),
                    sampling=SamplingConfig(steps=4, guidance_scale=1.0, height=32, width=32),
-                   grpo=GRPOConfig(**kw), lora=LoRASettings(enabled=lora, rank=4, alpha=8))
+                   grpo=cfg, lora=LoRASettings(enabled=lora, rank=4, alpha=8))
     m.configure_model()
     m.reward_fns = {"brightness": brightness}
     return m
@@ -49,15 +54,13 @@ class Recorder(L.Callback):
 
 def fit(module, steps, loader=None, **trainer_kw):
     rec = Recorder()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[rec], **trainer_kw)
-    trainer.fit(module, loader or prompt_loader())
+    tiny_trainer(steps, callbacks=[rec], **trainer_kw).fit(module, loader or prompt_loader())
     return rec.rows
 
 
 def test_first_update_is_on_policy_and_reference_stays_frozen():
     L.seed_everything(0)
-    m = tiny_grpo(window="all")
+    m = tiny_grpo(window=dict(mode="all"))
     ref_before = {k: v.clone() for k, v in m.reference.state_dict().items()}
     rows = fit(m, 2)
     # log-probs recomputed in the update equal the rollout's: the ratio is exactly 1 before the optimizer step
@@ -99,7 +102,7 @@ def test_lora_trains_only_the_adapter_and_uses_base_as_reference():
 
 def test_logp_change_window_scores_only_trained_steps():
     L.seed_everything(0)
-    m = tiny_grpo(window_signal="logp_change", window_explore=0.0, inner_epochs=2, train_batch_size=4)
+    m = tiny_grpo(window=dict(signal="logp_change", explore=0.0), update=dict(inner_epochs=2, batch_size=4))
     fit(m, 4)  # 1 iteration = 2 epochs x 2 mini-batches = 4 optimizer steps
     rows_window = m.step_scores
     trained = rows_window > 0
@@ -108,29 +111,37 @@ def test_logp_change_window_scores_only_trained_steps():
     assert bool(trained[start + 1])
 
 
-def _tiny_override(init_args: dict) -> dict:
-    init_args["backbone"] = {"preset": "tiny", "pretrained": None}
-    init_args["encoders"] = {**init_args["encoders"], "text_encoder": "tiny", "vae": "tiny", "dtype": "fp32", "max_sequence_length": 32}
-    init_args["parallel"] = {**init_args["parallel"], "activation_checkpointing": "none"}
-    init_args["grpo"].update(height=32, width=32, group_size=4, rollout_steps=4, window_size=2,
-                             rollout_batch_size=8, train_batch_size=8, rewards={"brightness": 1.0})
-    return init_args
+def header_command() -> list[str]:
+    """The tiny CPU command documented in configs/grpo.yaml's header, as arguments after `python main.py`."""
+    import shlex
+
+    lines = CONFIG.read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if "python main.py fit --config configs/grpo.yaml --config configs/tiny.yaml" in l)
+    command = []
+    for line in lines[start:]:
+        command.append(line.lstrip("#").strip().rstrip("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    return shlex.split(" ".join(command))[2:]
 
 
-def test_config_runs_on_cpu_with_the_tiny_override():
-    cfg = yaml.safe_load(CONFIG.read_text())
-    assert cfg["model"]["class_path"] == "lit_ovis.modules.grpo.GRPOModule"
-    args = _tiny_override(cfg["model"]["init_args"])
-    sections = dict(backbone=BackboneConfig, encoders=EncoderConfig, optimizer=OptimizerConfig, ema=EMAConfig,
-                    sampling=SamplingConfig, parallel=ParallelConfig, grpo=GRPOConfig, lora=LoRASettings)
-    m = GRPOModule(**{k: sections[k](**v) for k, v in args.items()})
-    assert m.grpo.sampler == "cps" and m.grpo.rollout_steps < m.sampling_cfg.steps and m.grpo.kl_beta > 0
-    m.configure_model()
-    ensemble = m.build_rewards()  # the real scorer registry: lit_ovis.scoring's "brightness"
-    assert list(ensemble.scorers) == ["brightness"]
+def test_config_runs_on_cpu_with_the_tiny_overlay(tmp_path):
+    from lit_ovis.cli.lightning_cli import run
+
+    shipped = yaml.safe_load(CONFIG.read_text())
+    assert shipped["model"]["class_path"] == "lit_ovis.modules.grpo.GRPOModule"
+    args = shipped["model"]["init_args"]  # the 7B recipe: CPS rollouts with fewer steps than evaluation, a KL term
+    assert args["grpo"]["rollout"]["sampler"] == "cps" and args["grpo"]["rollout"]["steps"] < args["sampling"]["steps"]
+    command = header_command()
+    assert command[:5] == tiny_stage_args("grpo")[:1] + ["--config", "configs/grpo.yaml", "--config", "configs/tiny.yaml"]
     L.seed_everything(0)
-    rows = fit(m, 2)
-    last = rows[-1]
+    cli = run(tiny_stage_args("grpo", *command[5:], "--trainer.max_steps", "2", f"--trainer.default_root_dir={tmp_path}"))
+    m = cli.model
+    assert m.grpo.rollout.sampler == "cps" and m.grpo.update.kl_beta > 0
+    assert (m.rollout_cfg.height, m.rollout_cfg.width, m.rollout_cfg.steps) == (32, 32, 4)  # model.sampling's size
+    assert list(m.build_rewards().scorers) == ["brightness"]  # the real scorer registry: lit_ovis.scoring's "brightness"
+    last = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert cli.trainer.global_step == 2
     for key in ("reward/mean", "reward/brightness_mean", "adv/std", "train/kl", "train/clip_frac", "train/ratio_mean",
                 "window/start", "window/end", "train/grad_norm"):
         assert key in last and torch.isfinite(torch.tensor(last[key])), key
@@ -149,9 +160,7 @@ def test_tensorboard_grid_logged(tmp_path):
 
     L.seed_everything(0)
     m = tiny_grpo(log_images_every_n_steps=1)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="tb"),
-                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(m, prompt_loader())
+    tiny_trainer(1, logger=TensorBoardLogger(tmp_path, name="tb"), log_every_n_steps=1).fit(m, prompt_loader())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(next(tmp_path.rglob("events.out.*")).parent))
@@ -164,7 +173,7 @@ def test_tensorboard_grid_logged(tmp_path):
 def test_grpo_raises_brightness_reward():
     """Mean rollout reward (image brightness) rises by many times its initial within-group spread."""
     L.seed_everything(0)
-    m = tiny_grpo(lr=3e-3, group_size=8, rollout_batch_size=16, train_batch_size=16, rollout_steps=4, window_size=2)
+    m = tiny_grpo(lr=3e-3, rollout=dict(group_size=8, batch_size=16, steps=4), update=dict(batch_size=16), window=dict(size=2))
     rows = fit(m, 60)
     rewards = [r["reward/mean"] for r in rows]
     spread = rows[0]["reward/std"]
@@ -172,27 +181,12 @@ def test_grpo_raises_brightness_reward():
     assert last - first > 5 * spread, (first, last, spread, rewards)
 
 
-def test_grpo_config_runs_through_the_cli_with_the_tiny_override(tmp_path):
-    """`python main.py fit --config configs/grpo.yaml` + the header's tiny override: CLI, prompt DataModule
-    (synthetic EN/ZH prompts), the scorer registry and a checkpoint, end to end on CPU."""
-    import os
-    import shlex
-    import subprocess
-    import sys
-
-    root = CONFIG.parents[1]
-    lines = CONFIG.read_text().splitlines()
-    start = next(i for i, l in enumerate(lines) if "python main.py fit --config configs/grpo.yaml --trainer.accelerator cpu" in l)
-    command = []
-    for line in lines[start:]:
-        command.append(line.lstrip("#").strip().rstrip("\\"))
-        if not line.rstrip().endswith("\\"):
-            break
-    args = shlex.split(" ".join(command))[2:]  # the header's own command, after "python main.py"
-    args += ["--trainer.max_steps", "2", f"--trainer.default_root_dir={tmp_path}",
-             "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}/ckpt"]
-    proc = subprocess.run([sys.executable, "main.py", *args], cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"})
+def test_grpo_config_runs_through_the_cli_with_the_tiny_overlay(tmp_path):
+    """The header's `python main.py fit --config configs/grpo.yaml --config configs/tiny.yaml ...`: CLI, prompt
+    DataModule (synthetic EN/ZH prompts), the scorer registry and a checkpoint, end to end on CPU."""
+    args = header_command() + ["--trainer.max_steps", "2", f"--trainer.default_root_dir={tmp_path}",
+                               "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}/ckpt"]
+    proc = run_main(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["grpo_state"]["step_scores"] is not None
@@ -200,6 +194,12 @@ def test_grpo_config_runs_through_the_cli_with_the_tiny_override(tmp_path):
 
 def test_sliding_window_follows_the_iteration_count():
     L.seed_everything(0)
-    m = tiny_grpo(window="sliding", window_size=1, window_shift_every=1, window_stride=1, rollout_steps=4)
+    m = tiny_grpo(window=dict(mode="sliding", size=1, shift_every=1, stride=1), rollout=dict(steps=4))
     rows = fit(m, 4)
     assert [r["window/start"] for r in rows] == [0, 1, 2, 2]  # 3 stochastic steps (the last is deterministic)
+
+
+class TestGRPOStage(StageModuleTester):
+    def make_module(self):
+        return GRPOModule(encoders=EncoderConfig(max_sequence_length=8), sampling=SamplingConfig(steps=2, height=32, width=32),
+                          grpo=GRPOConfig(rollout=RolloutConfig(group_size=2, steps=2, batch_size=4), update=UpdateConfig(kl_beta=0.01)))

@@ -16,7 +16,7 @@ import torch
 
 from callbacks.nan_guard import NanGuard, NonFiniteError
 from callbacks.preemption import RequeueOnSignal, next_hpc_path
-from helpers import LatentSet, loader, mounted_tmpfs, tiny_flow_module
+from helpers import LatentSet, loader, mounted_tmpfs, tiny_flow_module, tiny_trainer
 from lit_ovis.checkpoint_io import AtomicCheckpointIO, temp_path
 from lit_ovis.errors import CheckpointError, UserError
 from lit_ovis.modules.config import EMAConfig
@@ -57,8 +57,7 @@ def poison_loss(module, steps):
 
 
 def _trainer(tmp_path, steps, callbacks, **kw):
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **kw)
+    return tiny_trainer(steps, default_root_dir=tmp_path, callbacks=callbacks, **kw)
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path):

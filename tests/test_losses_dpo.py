@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lit_ovis.losses.dpo import diffusion_dpo_loss, mse_output_grad, sdpo_lambda, sdpo_loss
+from lit_ovis.losses.dpo import SafeguardConfig, diffusion_dpo_loss, mse_output_grad, sdpo_lambda, sdpo_loss
 
 
 def test_dpo_loss_matches_hand_computation():
@@ -158,7 +158,8 @@ def _winner_change_after_step(safeguard: bool, rule: str = "report", mu: float =
     # output away from the loser target and therefore away from the winner target too
     tw, tl = 1.0 * e, 3.0 * e
     pred = model(x)
-    loss, st = sdpo_loss(pred, pred, tw, tl, ref(x).detach(), ref(x).detach(), beta=10.0, safeguard=safeguard, rule=rule, mu=mu)
+    loss, st = sdpo_loss(pred, pred, tw, tl, ref(x).detach(), ref(x).detach(), beta=10.0,
+                         safeguard=SafeguardConfig(enabled=safeguard, rule=rule, mu=mu))
     grad = torch.autograd.grad(loss, model.v)[0]
     lw = lambda v: ((v - tw) ** 2).mean()  # noqa: E731
     v0 = model.v.detach().clone()
@@ -213,5 +214,6 @@ def test_safety_margin_first_order_step_on_the_shared_output_model():
         model, ref = _SharedOutput(8), _SharedOutput(8)
         e, x = torch.ones(1, 8), torch.zeros(1, 8)
         pred = model(x)
-        _, st = sdpo_loss(pred, pred, 1.0 * e, 3.0 * e, ref(x).detach(), ref(x).detach(), beta=10.0, mu=1.0, safety_margin=margin)
+        _, st = sdpo_loss(pred, pred, 1.0 * e, 3.0 * e, ref(x).detach(), ref(x).detach(), beta=10.0,
+                          safeguard=SafeguardConfig(mu=1.0, safety_margin=margin))
         assert st["lambda_mean"].item() == pytest.approx((1 - margin) / 3, rel=1e-5)

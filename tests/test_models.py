@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from helpers import tiny_trainer
 from diffusers import OvisImagePipeline, OvisImageTransformer2DModel
 from safetensors.torch import save_file
 
@@ -73,14 +75,11 @@ def test_folder_with_missing_keys_is_refused_not_random_initialised(tmp_path, ti
 
 def test_training_checkpoint_initialises_the_next_stage(tmp_path):
     """`backbone.pretrained` may be a previous stage's .ckpt: EMA weights when that run sampled with them."""
-    import lightning as L
-
     from helpers import LatentSet, loader, tiny_flow_module
     from lit_ovis.modules.config import EMAConfig
 
     module = tiny_flow_module(ema=EMAConfig(enabled=True, decay=0.5))
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = tiny_trainer(3, default_root_dir=tmp_path)
     trainer.fit(module, loader(LatentSet(n=4)))
     trainer.save_checkpoint(tmp_path / "stage.ckpt")
     loaded = build_backbone("tiny", pretrained=str(tmp_path / "stage.ckpt"))

@@ -8,14 +8,14 @@ must also restore the checkpoint and log its first step right after the checkpoi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -51,9 +51,7 @@ data:
 
 
 def run(config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config), *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_main("fit", "--config", str(config), *extra, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc

@@ -186,7 +186,7 @@ def test_clip_score_is_cvtg2k_clip_s(tmp_path):
 
 def test_missing_weights_name_the_option_of_the_command(tmp_path):
     from lit_ovis.cli.eval import build_ensemble as eval_ensemble
-    from lit_ovis.cli.make_pairs import PairsConfig, build_ensemble as pairs_ensemble
+    from data_modules.make_pairs import PairsConfig, build_ensemble as pairs_ensemble
 
     with pytest.raises(ConfigError, match=r"no CLIP weights given .*; set build_scorer\(.clip., model_path=...\)"):
         build_scorer("clip")

@@ -1,4 +1,4 @@
-"""configs/dpo.yaml runs on CPU with the tiny overrides documented at its top."""
+"""configs/dpo.yaml runs on CPU under the small-scale overlay configs/tiny.yaml, as its header documents."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from helpers import tiny_stage_args, torch_threads
 from test_sdpo_module import PairSet
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dpo.yaml"
@@ -38,34 +39,18 @@ def test_dpo_config_runs_tiny_on_cpu(tmp_path):
     cfg["data"]["class_path"] = "test_sdpo_config.TinyPairs"
     config = tmp_path / "dpo.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cli = run([
-            "fit", "--config", str(config),
-            "--model.backbone", '{"preset": "tiny", "pretrained": null}',
-            "--model.encoders.text_encoder", "tiny", "--model.encoders.vae", "tiny", "--model.encoders.dtype", "fp32",
-            "--model.encoders.max_sequence_length", "8",
-            "--model.parallel.param_dtype", "fp32", "--model.parallel.activation_checkpointing", "none",
-            "--model.parallel.compile", "false",
-            "--model.sampling.height", "32", "--model.sampling.width", "32", "--model.sampling.steps", "4",
-            "--model.dpo.beta", "200",
-            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
-            "--trainer.accumulate_grad_batches", "1", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-            "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.callbacks", "null",
-            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--data.root", str(tmp_path), "--data.batch_size", "2", "--data.num_workers", "0",
-        ])
-    finally:
-        torch.set_num_threads(n)
+    with torch_threads(1):
+        cli = run(tiny_stage_args(config, "--model.sdpo.beta", "200", "--trainer.val_check_interval", "2",
+                                  "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
+                                  "--data.root", str(tmp_path)))
     module = cli.model
     assert cli.trainer.global_step == 4
     assert module.backbone_cfg.preset == "tiny" and module.backbone_cfg.pretrained is None
     # the 7B recipe values survive the tiny override
-    assert module.dpo.beta == 200.0 and module.dpo.safeguard and module.dpo.safeguard_rule == "report"
+    safeguard = module.sdpo.safeguard
+    assert module.sdpo.beta == 200.0 and safeguard.enabled and safeguard.rule == "report"
     # Eq. 3 with mu = 0.5: the setting that kept winners at/below the reference (benchmarks/results_dpo.md)
-    assert module.dpo.mu == 0.5 and module.dpo.safety_margin == 0.0
+    assert safeguard.mu == 0.5 and safeguard.safety_margin == 0.0
     assert module.optim_cfg.lr == 1.0e-5
     metrics = cli.trainer.callback_metrics
     for key in ("train/implicit_acc", "train/reward_margin", "train/lambda_mean", "train/lambda_min", "train/lambda_max",

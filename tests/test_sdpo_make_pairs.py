@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_ovis.cli.make_pairs import PairsConfig, combine_scores, make_pairs, normalise_scores, parse_weights, select_pairs
+from data_modules.layout import work_dir
+from data_modules.make_pairs import PairsConfig, make_pairs, parse_weights, select_pairs
+from lit_ovis.scoring.ensemble import combine as combine_scores, normalise as normalise_scores
 
 
 def test_score_helpers_hand_values():
@@ -63,14 +65,6 @@ def _cfg(out, batch_size=4):
                        storage_dtype="float32", device="cpu", max_sequence_length=8)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _items(root):
     from litdata import StreamingDataset
 
@@ -90,7 +84,7 @@ def test_make_pairs_end_to_end(tmp_path, one_thread):
     assert report["reference_wins"] == 2 and report["generated_wins"] == 2
     assert json.loads((tmp_path / "pairs" / "32" / "report.json").read_text())["buckets"] == {"32x32": 4}
     assert json.loads((tmp_path / "pairs" / "report.json").read_text())["buckets"] == {"32/32x32": 4}  # root: every resolution
-    assert not (tmp_path / "pairs" / ".work").exists()  # work shards are removed after a finished run
+    assert not work_dir(tmp_path / "pairs", cfg.resolution).exists()  # work shards are removed after a finished run
     items = _items(tmp_path / "pairs")
     assert set(items) == {"white_a.png", "white_b.png", "black_a.png", "black_b.png"}
     vae = models[2]
@@ -107,7 +101,7 @@ def test_make_pairs_end_to_end(tmp_path, one_thread):
 
 
 def test_scorers_come_from_the_scoring_ensemble():
-    from lit_ovis.cli.make_pairs import build_ensemble
+    from data_modules.make_pairs import build_ensemble
     from lit_ovis.errors import ConfigError
     from lit_ovis.scoring import ScorerEnsemble
 
@@ -162,7 +156,7 @@ def test_make_pairs_resumes_after_a_kill(tmp_path, one_thread):
     out = tmp_path / "pairs"
     with pytest.raises(KeyboardInterrupt):
         make_pairs(records_from_folder(pool), _cfg(out, 2), scorers={"bright": killed_after_two_batches}, models=models, progress=False)
-    assert len(list((out / ".work").glob("shard-*.pt"))) == 2 and not (out / "report.json").exists()
+    assert len(list(work_dir(out, 32).glob("shard-*.pt"))) == 2 and not (out / "report.json").exists()
 
     resumed: list[str] = []
 

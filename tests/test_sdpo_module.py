@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from helpers import StageModuleTester, tiny_trainer
+
 
 class PairSet(Dataset):
     """Synthetic preference pairs at 32 px (4x4 latents): the winner is a smooth structured latent, the loser
@@ -35,40 +37,31 @@ class PairSet(Dataset):
                 "captions": f"pair {i}"}
 
 
-def tiny_sdpo(**dpo):
+def tiny_sdpo(safeguard: dict | None = None, **sdpo):
+    from lit_ovis.losses.dpo import SafeguardConfig
     from lit_ovis.modules.config import EncoderConfig, OptimizerConfig
-    from lit_ovis.modules.sdpo import DPOConfig, SDPOModule
+    from lit_ovis.modules.sdpo import SDPOConfig, SDPOModule
     from lit_ovis.sampling.generate import SamplingConfig
 
-    cfg = dict(beta=200.0, timestep_shift="none", timestep_sampling="uniform")
-    cfg.update(dpo)
+    cfg = dict(beta=200.0, timestep_shift="none", timestep_sampling="uniform", safeguard=SafeguardConfig(**(safeguard or {})))
+    cfg.update(sdpo)
     module = SDPOModule(
         encoders=EncoderConfig(max_sequence_length=8),
         optimizer=OptimizerConfig(lr=1e-3, warmup_steps=0, grad_clip=1.0),
         sampling=SamplingConfig(steps=4, guidance_scale=3.0, height=32, width=32),
-        dpo=DPOConfig(**cfg),
+        sdpo=SDPOConfig(**cfg),
     )
     return module
 
 
 def trainer(tmp_path, steps: int, **kw):
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
-
-
-@pytest.fixture
-def one_thread():
-    # Tiny models are dominated by thread overhead on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    return tiny_trainer(steps, default_root_dir=tmp_path, **kw)
 
 
 def fixed_stats(module, batch, seed: int = 0) -> dict[str, float]:
     module.eval()
     with torch.no_grad():
-        _, st = module.dpo_loss(batch, generator=torch.Generator().manual_seed(seed))
+        _, st = module.pair_loss(batch, generator=torch.Generator().manual_seed(seed))
     module.train()
     return {k: float(v) for k, v in st.items()}
 
@@ -134,14 +127,14 @@ def test_reference_from_separate_weights(tmp_path, one_thread):
 def test_config_errors_name_the_option():
     from lit_ovis.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="dpo.beta"):
+    with pytest.raises(ConfigError, match="sdpo.beta"):
         tiny_sdpo(beta=0.0)
-    with pytest.raises(ConfigError, match="dpo.mu"):
-        tiny_sdpo(safeguard_rule="paper", mu=2.0)
-    with pytest.raises(ConfigError, match="safeguard_rule"):
-        tiny_sdpo(safeguard_rule="bogus")
-    with pytest.raises(ConfigError, match="dpo.safety_margin"):
-        tiny_sdpo(safety_margin=1.5)
+    with pytest.raises(ConfigError, match="sdpo.safeguard.mu"):
+        tiny_sdpo(safeguard=dict(rule="paper", mu=2.0))
+    with pytest.raises(ConfigError, match="safeguard.rule"):
+        tiny_sdpo(safeguard=dict(rule="bogus"))
+    with pytest.raises(ConfigError, match="sdpo.safeguard.safety_margin"):
+        tiny_sdpo(safeguard=dict(safety_margin=1.5))
 
 
 def test_winner_and_loser_share_noise_and_timestep_from_the_step_generator(one_thread):
@@ -186,12 +179,12 @@ def test_reference_runs_the_policy_code_path(one_thread):
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     from lit_ovis.modules.config import EncoderConfig
-    from lit_ovis.modules.sdpo import DPOConfig, SDPOModule
+    from lit_ovis.modules.sdpo import SDPOConfig, SDPOModule
     from lit_ovis.parallel.fsdp import ParallelConfig, blocks_of
 
     previous = _AttentionBackendRegistry._active_backend
     module = SDPOModule(encoders=EncoderConfig(max_sequence_length=8), parallel=ParallelConfig(attention_backend="_native_math", compile=True),
-                        dpo=DPOConfig(beta=200.0))
+                        sdpo=SDPOConfig(beta=200.0))
     try:
         module.configure_model()
 
@@ -201,7 +194,7 @@ def test_reference_runs_the_policy_code_path(one_thread):
         assert backends(module.reference) == backends(module.backbone) == {"AttentionBackendName._NATIVE_MATH"}
         for pol, ref in zip(blocks_of(module.backbone), blocks_of(module.reference)):
             assert pol._compiled_call_impl is not None and ref._compiled_call_impl is not None
-        eager = SDPOModule(encoders=EncoderConfig(max_sequence_length=8), dpo=DPOConfig(beta=200.0))
+        eager = SDPOModule(encoders=EncoderConfig(max_sequence_length=8), sdpo=SDPOConfig(beta=200.0))
         eager.configure_model()
         assert not any(b._compiled_call_impl is not None for b in blocks_of(eager.reference))
     finally:
@@ -334,17 +327,17 @@ def config_safeguard() -> dict:
     """The safeguard settings of configs/dpo.yaml (the default this test guards)."""
     import yaml
 
-    dpo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "dpo.yaml").read_text())["model"]["init_args"]["dpo"]
-    return {k: dpo[k] for k in ("safeguard", "safeguard_rule", "mu", "safety_margin", "lambda_min", "lambda_max")}
+    sdpo = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "dpo.yaml").read_text())["model"]["init_args"]["sdpo"]
+    return dict(sdpo["safeguard"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["config_sdpo", "plain_dpo"])
 def test_tiny_model_learns_rendered_text_preferences(tmp_path, one_thread, text_pairs, variant):
     train, heldout, sft = text_pairs
-    dpo = config_safeguard() if variant == "config_sdpo" else {"safeguard": False}
+    dpo = config_safeguard() if variant == "config_sdpo" else {"enabled": False}
     L.seed_everything(0)
-    module = tiny_sdpo(**dpo)
+    module = tiny_sdpo(safeguard=dpo)
     module.configure_model()
     module.backbone.load_state_dict(sft)  # policy == reference == the SFT model
     module.reference.load_state_dict(sft)
@@ -436,3 +429,8 @@ def test_fsdp2_reference_stays_frozen_without_optimizer_state(tmp_path):
     for rank in range(world):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert all(result.values()), (rank, result)
+
+
+class TestSDPOStage(StageModuleTester):
+    def make_module(self):
+        return tiny_sdpo()

@@ -5,75 +5,28 @@ checkpoint, so host memory needs ~30 GB fp32 for 7B (~60 GB with --use-ema), nev
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from lit_ovis.checkpoints import backbone_state_dict, config_section, load_training_checkpoint
 from lit_ovis.errors import CheckpointError, OneLineArgumentParser
-
-
-MODEL_PREFIXES = ("state_dict.backbone.",)
-EMA_PREFIXES = ("state_dict.ema.",)
-
-
-def load_sharded_checkpoint(path: str | os.PathLike, ema: bool = True) -> dict[str, Any]:
-    """Read the backbone (and with `ema` the EMA weights) of a Lightning ModelParallelStrategy checkpoint
-    directory into one in-memory checkpoint dict, plus the small `meta.pt` (hyper-parameters, loops).
-
-    Only those tensors are read: the state dict to load is built from the DCP metadata for the requested
-    keys and `dcp.load` fills it, so the optimizer moments (2x the weights) never reach host memory.
-    """
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    path = Path(path)
-    if not (path / ".metadata").exists():
-        raise CheckpointError(f"{path}: not a complete sharded checkpoint (no .metadata); use an earlier checkpoint")
-    reader = FileSystemReader(str(path))
-    try:
-        metadata = reader.read_metadata()
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign .metadata
-        raise CheckpointError(f"{path}/.metadata: unreadable ({type(err).__name__}); use an earlier checkpoint") from None
-    prefixes = MODEL_PREFIXES + (EMA_PREFIXES if ema else ())
-    flat: dict[str, torch.Tensor] = {}
-    for key, item in metadata.state_dict_metadata.items():
-        if key.startswith(prefixes) and isinstance(item, TensorStorageMetadata):
-            flat[key] = torch.empty(item.size, dtype=item.properties.dtype)
-    if not flat:
-        raise CheckpointError(f"{path}: holds no backbone weights (no 'state_dict.backbone.' keys); is it a lit-ovis training checkpoint?")
-    state_dict = {k[len("state_dict."):]: v for k, v in flat.items()}
-    with warnings.catch_warnings():  # single-process loading is the intent here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load({"state_dict": state_dict}, storage_reader=reader, no_dist=True)
-    state: dict[str, Any] = {"state_dict": state_dict}
-    meta = path / "meta.pt"
-    if meta.exists():
-        state.update(torch.load(meta, map_location="cpu", weights_only=False))
-    return state
+from lit_ovis.files import atomic_path
+from lit_ovis.modules.config import BackboneConfig
 
 
 def consolidate(checkpoint: str, output: str, use_ema: bool | None = None, diffusers_dir: str | None = None) -> Path:
     """`use_ema=None`: the weights the run sampled with (EMA when it had and used one), like `export`."""
     from safetensors.torch import save_file
 
-    from lit_ovis.checkpoints import backbone_state_dict, hyper_parameters, load_training_checkpoint
-
     ckpt = load_training_checkpoint(checkpoint, ema=use_ema is not False)
     weights = {k: v.contiguous() for k, v in backbone_state_dict(ckpt, use_ema=use_ema).items()}
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(weights, str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(weights, str(tmp))
     if diffusers_dir:
         from lit_ovis.models.backbone import build_backbone
 
-        hp = hyper_parameters(ckpt)
-        preset = (hp.get("backbone") or {}).get("preset", "tiny") if isinstance(hp.get("backbone"), dict) else getattr(hp.get("backbone"), "preset", "tiny")
-        model = build_backbone(preset, pretrained=str(out))
+        model = build_backbone(config_section(ckpt, "backbone", BackboneConfig).preset, pretrained=str(out))
         model.save_pretrained(diffusers_dir, safe_serialization=True)
     return out
 

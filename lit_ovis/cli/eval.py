@@ -26,33 +26,27 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from lit_ovis.errors import CheckpointError, ConfigError, DataError, OneLineArgumentParser
-from lit_ovis.scoring import Scorer, ScorerEnsemble, flag_options, json_option
-from lit_ovis.scoring.ensemble import parse_weights
-from lit_ovis.scoring.metrics import WordScores, pool_words
+from lit_ovis.files import atomic_path, atomic_write, atomic_write_json
+from lit_ovis.scoring import Scorer, ScorerEnsemble
+from lit_ovis.scoring.ensemble import build_ensemble as ensemble_from_options
+from lit_ovis.scoring.metrics import aggregate
 from lit_ovis.scoring.prompt_sets import read_prompt_set
 
 RECORD_KEYS = ("id", "prompt", "target_text", "target_texts", "language", "benchmark", "regions", "subset", "tag")
 OCR_FIELDS = ("ocr_text", "word_accuracy", "ned", "text_accuracy", "reward")
+CLIP_SCORERS = ("clip", "pickscore", "hps", "aesthetic")  # the scorers --clip-model gives their weights
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
     arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)  # a kill never leaves a truncated image that resume would trust
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a kill never leaves a truncated image that resume would trust
+        Image.fromarray(arr).save(tmp, format="PNG")
 
 
 def model_identity(path: str, **settings) -> str:
@@ -132,42 +126,13 @@ def evaluate(generator, items: list[dict], output_dir: str, scorers: ScorerEnsem
                 if "ocr" in details[j]:  # one OCR read gave every text metric
                     record["ocr"] = details[j]["ocr"]
                     record.update({f: details[j]["ocr"][f] for f in OCR_FIELDS})
-                _atomic_json(record, out / "records" / f"{i:06d}.json")
+                atomic_write_json(out / "records" / f"{i:06d}.json", record, indent=1)
 
     for i in range(len(items)):
         record = _load_record(out / "records" / f"{i:06d}.json", fps[i])
         if record is None or any(n not in record["scores"] for n in names):
             return None  # other ranks still working; the last one to finish writes the report
     return write_report(out, fps, ensemble)
-
-
-def _group_metrics(records: list[dict], names: list[str]) -> dict:
-    entry: dict[str, Any] = {"samples": len(records)}
-    for name in names:
-        values = [r["scores"][name] for r in records if name in r["scores"]]
-        entry[name] = sum(values) / len(values) if values else None
-    with_text = [r for r in records if r.get("ocr") and r["ocr"]["word_total"] > 0]
-    if with_text:
-        # Pooled over every target word / unit of the group, as CVTG-2K and LongText-Bench aggregate.
-        entry.update(pool_words([WordScores(r["ocr"]["word_total"], r["ocr"]["word_correct"], r["ocr"]["word_ned"]) for r in with_text]))
-        units = sum(r["ocr"]["text_total"] for r in with_text)
-        entry["text_accuracy"] = sum(r["ocr"]["text_matched"] for r in with_text) / units if units else None
-        entry["text_units"] = units
-        entry["ocr_reward"] = sum(r["ocr"]["reward"] for r in with_text) / len(with_text)
-    return entry
-
-
-def aggregate(records: list[dict], names: list[str] | None = None) -> dict:
-    names = names if names is not None else (list(records[0]["scores"]) if records else [])
-    agg: dict[str, Any] = {"samples": len(records)}
-    for lang in ("all", "en", "zh"):
-        subset = [r for r in records if lang == "all" or r["language"] == lang]
-        if subset:
-            agg[lang] = _group_metrics(subset, names)
-    regions = sorted({r["regions"] for r in records if r.get("benchmark") == "cvtg" and r.get("regions")})
-    if regions:  # CVTG-2K's breakdown by the number of text regions in the prompt
-        agg["cvtg_by_regions"] = {str(n): _group_metrics([r for r in records if r.get("regions") == n], names) for n in regions}
-    return agg
 
 
 def _img_b64(path: Path) -> str:
@@ -185,7 +150,7 @@ def write_report(out: Path, fps: list[str], ensemble: ScorerEnsemble) -> dict:
             r["scores"]["ensemble"] = t
     report = {"aggregate": aggregate(records, names + (["ensemble"] if len(names) > 1 else [])),
               "weights": ensemble.weights, "samples": records}
-    _atomic_json(report, out / "metrics.json")
+    atomic_write_json(out / "metrics.json", report, indent=1)
     rows = []
     for r in records:
         scores = ", ".join(f"{k}={v:.3f}" for k, v in r["scores"].items())
@@ -203,9 +168,7 @@ def write_report(out: Path, fps: list[str], ensemble: ScorerEnsemble) -> dict:
         f"<h1>lit-ovis eval</h1><pre>{agg}</pre><table><tr><th>image</th><th>prompt</th><th>target text</th>"
         f"<th>OCR text</th><th>scores</th></tr>{''.join(rows)}</table>"
     )
-    tmp = out / "gallery.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out / "gallery.html")
+    atomic_write(out / "gallery.html", page)
     return report
 
 
@@ -229,16 +192,9 @@ def log_to_tensorboard(aggregate_metrics: dict, log_dir: str, step: int = 0) -> 
 
 
 def build_ensemble(spec: str, clip_model: str | None, scorer_kwargs: str) -> ScorerEnsemble:
-    try:
-        kwargs = json.loads(scorer_kwargs)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--scorer-kwargs is not valid JSON ({err.msg}); e.g. '{{\"aesthetic\": {{\"head_path\": \"head.pt\"}}}}'") from None
-    weights = parse_weights(spec, "--scorers")
-    for name in weights:
-        if clip_model and name in ("clip", "pickscore", "hps", "aesthetic"):
-            kwargs.setdefault(name, {}).setdefault("model_path", clip_model)
-    option = flag_options({"model_path": "--clip-model"}, json_option("--scorer-kwargs"))
-    return ScorerEnsemble.from_weights(weights, kwargs, "none", option)
+    """`--scorers` with `--scorer-kwargs`; `--clip-model` fills every CLIP-family scorer's model_path."""
+    clip = {name: {"model_path": clip_model} for name in CLIP_SCORERS} if clip_model else {}
+    return ensemble_from_options(spec, scorer_kwargs, flags={"model_path": "--clip-model"}, defaults=clip)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,12 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
 
-from lit_ovis.checkpoints import WEIGHTS, backbone_state_dict, hyper_parameters, load_training_checkpoint
+from lit_ovis.checkpoints import WEIGHTS, backbone_state_dict, config_section, load_training_checkpoint
+from lit_ovis.dtypes import DTYPES
 from lit_ovis.errors import CheckpointError, OneLineArgumentParser
-from lit_ovis.generator import _cfg
 from lit_ovis.models.backbone import build_backbone
 from lit_ovis.models.text_encoder import build_text_encoder
 from lit_ovis.models.vae import build_vae
@@ -44,10 +43,9 @@ def build_pipeline(transformer, text_encoder, vae, sampling: SamplingConfig) -> 
 def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool | None = None, dtype: str = "fp32") -> Path:
     """`use_ema=None`: the weights the run sampled its grids with (EMA when it had and used one)."""
     ckpt = load_training_checkpoint(checkpoint_path, ema=use_ema is not False)
-    hp = hyper_parameters(ckpt)
-    backbone_cfg = _cfg(hp, "backbone", BackboneConfig)
-    encoders = _cfg(hp, "encoders", EncoderConfig)
-    sampling = _cfg(hp, "sampling", SamplingConfig)
+    backbone_cfg = config_section(ckpt, "backbone", BackboneConfig)
+    encoders = config_section(ckpt, "encoders", EncoderConfig)
+    sampling = config_section(ckpt, "sampling", SamplingConfig)
     transformer = build_backbone(backbone_cfg.preset)
     weights = backbone_state_dict(ckpt, use_ema=use_ema)
     missing, unexpected = transformer.load_state_dict(weights, strict=False)
@@ -56,7 +54,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool | Non
             f"{checkpoint_path}: backbone weights do not match preset '{backbone_cfg.preset}' "
             f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
         )
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch_dtype = DTYPES[dtype]
     pipe = build_pipeline(
         transformer.to(torch_dtype),
         build_text_encoder(encoders.text_encoder, encoders.max_sequence_length, dtype=torch_dtype),
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", help="diffusers folder to write (replaced atomically if it exists)")
     parser.add_argument("--weights", default="auto", choices=list(WEIGHTS),
                         help="auto: the EMA weights when the run sampled with them (its grids show them), else raw")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.output_dir, WEIGHTS[args.weights], args.dtype)

@@ -2,22 +2,30 @@
 
 The stage is chosen by the config's `model.class_path`. A rerun of the same command resumes from the
 newest complete checkpoint (`fit --ckpt_path` defaults to `last`; `--ckpt_path null` starts fresh).
-Config checks that can fail run before any model is built.
+Config checks that can fail run before any model is built. Every config dataclass field's docstring is its
+`--help` text, and `--help` after a `--config` also lists the options of the model and data classes it selects.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_ovis.errors import CommandLineError, UserError, user_message
+from lit_ovis.files import is_remote
 
 # UserError: ConfigError, DataError, CheckpointError, NonFiniteError, CommandLineError. FileNotFoundError: a
 # data path that does not exist deserves one line, not a traceback.
 USER_ERRORS = (UserError, FileNotFoundError)
+HELP_FLAGS = ("-h", "--help")
+
+# The string literal under a dataclass field is its --help text (as litgpt's and torchtitan's configs do).
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class ParseFailure(Exception):
@@ -61,8 +69,8 @@ class OvisCLI(LightningCLI):
         and command line, unlike a rerun's default `last`. The config is the single source of settings."""
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
-        if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
-            from lit_ovis.checkpoint_io import check_readable
+        if path and path not in ("last", "best", "hpc", "registry") and not is_remote(str(path)):
+            from lit_ovis.checkpoints import check_readable
 
             check_readable(path)
 
@@ -201,12 +209,55 @@ def parse_config(args: list[str]):
         raise command_line_error(failure, list(args)) from None
 
 
+def selected_classes(args: list[str]) -> dict[str, str]:
+    """{"model": class_path, "data": class_path} that the `--config` files (later ones win) and `--model` /
+    `--data` arguments of `args` select."""
+    import yaml
+
+    found: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        value = args[i + 1] if i + 1 < len(args) else ""
+        if arg.startswith("--config="):
+            arg, value = "--config", arg.split("=", 1)[1]
+        if arg == "--config":
+            try:
+                cfg = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                continue  # the parser itself reports an unreadable config
+            found.update({k: cfg[k]["class_path"] for k in ("model", "data") if isinstance(cfg.get(k), dict) and cfg[k].get("class_path")})
+        elif arg in ("--model", "--data") and "." in value and not value.endswith((".yaml", ".yml")):
+            found[arg[2:]] = value
+    return found
+
+
+def print_help(args: list[str]) -> None:
+    """LightningCLI's help, then the options of the model and data classes the configs select (LightningCLI
+    alone lists them only for `--model.help CLASS`)."""
+    with warnings.catch_warnings():  # sys.argv is what these args were read from
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        try:
+            OvisCLI(**CLI_KWARGS, args=args)
+        except SystemExit as done:
+            if done.code not in (0, None):
+                raise
+        subcommand = next((a for a in args if not a.startswith("-")), None)
+        for key, class_path in selected_classes(args).items():
+            print(f"\nOptions of --{key} {class_path} (selected by the config):\n")
+            try:
+                OvisCLI(**CLI_KWARGS, args=[subcommand, f"--{key}.help", class_path] if subcommand else [f"--{key}.help", class_path])
+            except SystemExit:
+                pass
+
+
 def run(args: list[str] | None = None) -> OvisCLI | None:
     """LightningCLI with every user mistake as one `error:` line (exit 2): a command line that does not
     parse (plus the closest valid key and how to see --help), a config that cannot work, bad data or
     checkpoints, Lightning's own refusals, and the same raised inside constructors or data-loader workers."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
+        if any(a in HELP_FLAGS for a in argv) and selected_classes(argv):
+            print_help(argv)
+            raise SystemExit(0)
         return OvisCLI(**CLI_KWARGS, args=args)
     except ParseFailure as failure:
         err = command_line_error(failure, argv)

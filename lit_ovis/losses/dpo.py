@@ -69,15 +69,47 @@ argument applied to each pair's own outputs (the pairs' outputs are disjoint, so
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from lit_ovis.errors import ConfigError
+from lit_ovis.flow import per_sample_mse
 
 SAFEGUARD_RULES = ("report", "paper")
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every non-batch dim, in fp32 -> [B]."""
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+@dataclass
+class SafeguardConfig:
+    """The Diffusion-SDPO winner-preserving safeguard: how lambda_safe scales the loser branch's gradient."""
+
+    enabled: bool = True
+    """Scale the loser branch by lambda_safe (Diffusion-SDPO); false = plain Diffusion-DPO."""
+    rule: str = "report"
+    """"report" (Ovis-Image Eq. 3) or "paper" (the Diffusion-SDPO release's closed form)."""
+    mu: float = 1.0
+    """"report": strength of the loser branch (>= 0); "paper": the required safety margin in [0, 1]."""
+    lambda_min: float = 0.0
+    """Lower clip of lambda (the safety bound wins when they disagree)."""
+    lambda_max: float = 1.0
+    """Upper clip of lambda (1 = plain DPO's loser weight)."""
+    safety_margin: float = 0.0
+    """Both rules: clip so lambda <g_w, g_l> <= (1 - margin) |g_w|^2, demanding a first-order winner decrease."""
+    eps: float = 1e-12
+    """Added to |g_l|^2 in the report rule's denominator."""
+
+    def check(self, option: str = "--model.sdpo.safeguard") -> None:
+        if self.rule not in SAFEGUARD_RULES:
+            raise ConfigError(f"{option}.rule must be one of {SAFEGUARD_RULES}, got {self.rule!r}")
+        if self.rule == "paper" and not 0.0 <= self.mu <= 1.0:
+            raise ConfigError(f"{option}.mu must be in [0, 1] with rule 'paper' (a safety margin), got {self.mu}")
+        if self.mu < 0:
+            raise ConfigError(f"{option}.mu must be >= 0, got {self.mu}")
+        if not 0.0 <= self.safety_margin <= 1.0:
+            raise ConfigError(f"{option}.safety_margin must be in [0, 1], got {self.safety_margin}")
+        if not 0.0 <= self.lambda_min <= self.lambda_max:
+            raise ConfigError(f"{option}.lambda_min/lambda_max need 0 <= min <= max, got {self.lambda_min}, {self.lambda_max}")
 
 
 def mse_output_grad(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -197,21 +229,16 @@ def sdpo_loss(
     ref_pred_l: torch.Tensor,
     beta: float,
     weights: torch.Tensor | None = None,
-    safeguard: bool = True,
-    mu: float = 1.0,
-    lambda_min: float = 0.0,
-    lambda_max: float = 1.0,
-    eps: float = 1e-12,
-    rule: str = "report",
-    safety_margin: float = 0.0,
+    safeguard: SafeguardConfig | None = SafeguardConfig(),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion-DPO with (safeguard=True) or without the Diffusion-SDPO loser scale; stats add lambda_*."""
+    """Diffusion-DPO with the Diffusion-SDPO loser scale (`safeguard`, enabled) or without it (None or disabled);
+    stats add lambda_*."""
     lam = None
-    if safeguard:
-        lam = sdpo_lambda(pred_w, target_w, pred_l, target_l, mu, lambda_min, lambda_max, eps, rule, safety_margin)
+    if safeguard is not None and safeguard.enabled:
+        lam = sdpo_lambda(pred_w, target_w, pred_l, target_l, safeguard.mu, safeguard.lambda_min, safeguard.lambda_max,
+                          safeguard.eps, safeguard.rule, safeguard.safety_margin)
     loss, stats = diffusion_dpo_loss(pred_w, pred_l, target_w, target_l, ref_pred_w, ref_pred_l, beta, weights, lam)
     if lam is not None:
         stats.update(lambda_mean=lam.mean(), lambda_min=lam.min(), lambda_max=lam.max(),
                      lambda_frac_below_1=(lam < 1.0 - 1e-6).float().mean())
     return loss, stats
-

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import OvisImageTransformer2DModel
 
+from lit_ovis.checkpoints import backbone_state_dict, is_training_checkpoint, sampled_weights
 from lit_ovis.errors import CheckpointError
 from lit_ovis.models.presets import TINY_SEED, TRANSFORMER_PRESETS, lookup
 
@@ -36,9 +37,9 @@ def build_backbone(
     """
     if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
         pretrained = None  # a command-line `null` that arrived as text
-    if pretrained and _is_training_checkpoint(pretrained):
+    if pretrained and is_training_checkpoint(pretrained):
         model = build_backbone(preset, None, device, dtype)
-        _load_checked(model, _training_checkpoint_weights(pretrained), pretrained)
+        _load_checked(model, sampled_weights(pretrained), pretrained)
         return model
     if pretrained and not _is_single_file(pretrained):
         return _from_pretrained_folder(pretrained, dtype=dtype)
@@ -63,19 +64,6 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 def _is_single_file(path: str) -> bool:
     return path.endswith(SAFETENSORS_SUFFIXES) or path.endswith((".pt", ".pth", ".bin"))
-
-
-def _is_training_checkpoint(path: str) -> bool:
-    """A Lightning `.ckpt` file or a sharded (DCP) checkpoint directory of a previous stage."""
-    return path.endswith(".ckpt") or (Path(path) / ".metadata").is_file()
-
-
-def _training_checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
-    """Backbone weights of a training checkpoint, the ones its run sampled with: SFT starts from pretraining,
-    DPO from SFT, ..."""
-    from lit_ovis.checkpoints import backbone_state_dict, load_training_checkpoint
-
-    return backbone_state_dict(load_training_checkpoint(path), use_ema=None)
 
 
 def _from_pretrained_folder(path: str, dtype: torch.dtype) -> OvisImageTransformer2DModel:
@@ -120,8 +108,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any decoding failure means a corrupt file
         raise CheckpointError(f"{path}: unreadable or corrupt weight file ({type(err).__name__}); re-export or re-download it") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = {k.removeprefix("backbone."): v for k, v in state["state_dict"].items() if k.startswith("backbone.")}
+    if isinstance(state, dict) and "state_dict" in state:  # a training checkpoint saved under another suffix
+        state = backbone_state_dict(state)
     return state
 
 
@@ -155,7 +143,7 @@ def backbone_skeleton(preset: str = "tiny", pretrained: str | None = None) -> Ov
     """The backbone on the meta device (no memory), shaped like `pretrained` when it is a diffusers folder or
     hub id (its config.json), else like `preset`: FSDP2 shards it first, then rank 0's weights fill the shards."""
     config = backbone_config(preset)
-    if pretrained and not _is_training_checkpoint(pretrained) and not _is_single_file(pretrained):
+    if pretrained and not is_training_checkpoint(pretrained) and not _is_single_file(pretrained):
         local = Path(pretrained)
         subfolder = "transformer" if (local / "transformer").is_dir() or not local.exists() else None
         try:
@@ -169,8 +157,8 @@ def backbone_skeleton(preset: str = "tiny", pretrained: str | None = None) -> Ov
 
 def pretrained_state_dict(preset: str, pretrained: str) -> dict[str, torch.Tensor]:
     """The full, key-checked weights of `pretrained` on CPU (read by one rank, then broadcast to the shards)."""
-    if _is_training_checkpoint(pretrained):
-        state = _training_checkpoint_weights(pretrained)
+    if is_training_checkpoint(pretrained):
+        state = sampled_weights(pretrained)
     elif _is_single_file(pretrained):
         state = read_state_dict(pretrained)
     else:

@@ -9,7 +9,6 @@ backbone in diffusers key layout under `backbone.` and export is a rename, not a
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import lightning as L
@@ -20,10 +19,12 @@ from lit_ovis.ema import EMA
 from lit_ovis.models.backbone import backbone_skeleton, build_backbone
 from lit_ovis.models.text_encoder import build_text_encoder, text_ids
 from lit_ovis.models.vae import build_vae, latent_image_ids
-from lit_ovis.modules.config import DTYPES, BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
+from lit_ovis.dtypes import DTYPES
+from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
 from lit_ovis.parallel.fsdp import ParallelConfig, parallelize_module
 from lit_ovis.parallel.optim import make_adamw
 from lit_ovis.sampling.generate import SamplingConfig, generate_images
+from lit_ovis.seeds import mix_seed, run_seed
 
 
 class OvisBaseModule(L.LightningModule):
@@ -62,7 +63,7 @@ class OvisBaseModule(L.LightningModule):
 
     def build_frozen(self) -> None:
         """Text encoder and VAE (frozen); stages add their reference model here."""
-        dtype = getattr(torch, DTYPES[self.encoders_cfg.dtype])
+        dtype = DTYPES[self.encoders_cfg.dtype]
         self._frozen["text_encoder"] = build_text_encoder(
             self.encoders_cfg.text_encoder, self.encoders_cfg.max_sequence_length, dtype=dtype
         )
@@ -169,11 +170,9 @@ class OvisBaseModule(L.LightningModule):
     def step_generator(self, batch_idx: int = 0) -> torch.Generator:
         """A generator seeded from (run seed, rank, step, micro-batch): noise differs across ranks, and a
         resumed run draws exactly what the uninterrupted run drew, with no RNG state to checkpoint."""
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         rank = self.global_rank if self._trainer is not None else 0
         step = self.global_step if self._trainer is not None else 0
-        mixed = (seed * 1_000_003 + rank * 7_919 + step * 131 + batch_idx) % (2**63 - 1)
-        return torch.Generator(device=self.device).manual_seed(mixed)
+        return torch.Generator(device=self.device).manual_seed(mix_seed(run_seed(), rank, step, batch_idx))
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -203,12 +202,19 @@ class OvisBaseModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_factor(step, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def clip_grad_norm(self, max_norm: float | None = None) -> torch.Tensor | None:
+        """Clip the trainable parameters' global gradient norm to `max_norm` (default: optimizer.grad_clip;
+        0 disables) and return the norm before clipping (the full norm also under FSDP2), or None when disabled.
+        Lightning calls it through `configure_gradient_clipping`; manual-optimisation stages (GRPO) call it."""
+        max_norm = max_norm or self.optim_cfg.grad_clip
+        if not max_norm or max_norm <= 0:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        max_norm = gradient_clip_val or self.optim_cfg.grad_clip
-        if max_norm and max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
+        norm = self.clip_grad_norm(gradient_clip_val)
+        if norm is not None:
             self.log("train/grad_norm", norm, on_step=True, prog_bar=False)
 
     def on_train_start(self) -> None:

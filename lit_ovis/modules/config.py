@@ -8,8 +8,13 @@ from dataclasses import dataclass
 
 @dataclass
 class BackboneConfig:
-    preset: str = "tiny"  # "tiny" or "ovis-image-7b"
-    pretrained: str | None = None  # diffusers folder, .safetensors file or hub id; None = random init
+    """The trainable MMDiT (diffusers' OvisImageTransformer2DModel)."""
+
+    preset: str = "tiny"
+    """Architecture preset: "tiny" (tests, demo) or "ovis-image-7b" (the released model)."""
+    pretrained: str | None = None
+    """Initial weights: a lit-ovis .ckpt or sharded checkpoint directory (the previous stage), a diffusers folder,
+    a .safetensors file or a hub id; unset: random init."""
 
     def __post_init__(self):
         self.pretrained = none_if_null(self.pretrained)
@@ -17,45 +22,79 @@ class BackboneConfig:
 
 @dataclass
 class EncoderConfig:
-    text_encoder: str = "tiny"  # preset or a folder / hub id with text_encoder/ and tokenizer/
-    vae: str = "tiny"  # preset ("tiny", "flux") or a folder / hub id with vae/
+    """The frozen text encoder and VAE (rebuilt from here, never saved in checkpoints)."""
+
+    text_encoder: str = "tiny"
+    """Qwen3 text encoder: preset or a folder / hub id with text_encoder/ and tokenizer/."""
+    vae: str = "tiny"
+    """FLUX VAE: preset ("tiny", "flux") or a folder / hub id with vae/."""
     max_sequence_length: int = 256
-    dtype: str = "fp32"  # frozen encoders' dtype: "bf16" on GPUs
+    """Prompt length in tokens (the pipeline's default is 256)."""
+    dtype: str = "fp32"
+    """Dtype of the frozen encoders: "fp32", "bf16" (GPUs) or "fp16"."""
 
 
 @dataclass
 class OptimizerConfig:
+    """AdamW with a linear warm-up, then a constant learning rate."""
+
     lr: float = 1e-4
+    """Learning rate after warm-up."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
     eps: float = 1e-8
-    warmup_steps: int = 0  # linear warm-up, then constant
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables."""
 
 
 @dataclass
 class EMAConfig:
+    """Exponential moving average of the backbone weights (kept on each rank's shard)."""
+
     enabled: bool = False
+    """Keep an EMA of the weights (saved in checkpoints under `ema.`)."""
     decay: float = 0.9999
+    """EMA decay per update."""
     every_n_steps: int = 1
-    use_for_sampling: bool = True  # sample grids and export use the EMA weights
+    """Update the EMA every N optimizer steps."""
+    use_for_sampling: bool = True
+    """Sample grids, predict, export and the next stage use the EMA weights."""
 
 
 @dataclass
-class FlowConfig:
-    timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal"
+class TimestepConfig:
+    """Training timesteps and their loss weight, shared by the flow-matching and SDPO stages (`lit_ovis.flow`)."""
+
+    timestep_sampling: str = "logit_normal"
+    """"uniform" or "logit_normal" (sigmoid of a normal, SD3)."""
     logit_mean: float = 0.0
+    """Mean of the normal under "logit_normal"."""
     logit_std: float = 1.0
-    timestep_shift: str = "dynamic"  # "none" | "static" | "dynamic" (by image token count)
-    shift: float = 3.0  # for "static"
-    loss_weighting: str = "none"  # "none" | "cosmap" | "sigma_sqrt"
-    caption_dropout: float = 0.1  # probability of the empty prompt (trains CFG's unconditional branch)
-    loss_buckets: int = 4  # log the loss per timestep range
+    """Standard deviation of the normal under "logit_normal"."""
+    timestep_shift: str = "dynamic"
+    """"none", "static" (SD3, by `shift`) or "dynamic" (FLUX, by the image token count, like the sampler)."""
+    shift: float = 3.0
+    """Shift factor for timestep_shift "static"."""
+    loss_weighting: str = "none"
+    """Per-sample loss weight w(t): "none", "cosmap" (SD3) or "sigma_sqrt"."""
+
+
+@dataclass
+class FlowConfig(TimestepConfig):
+    """Flow-matching loss settings (pretraining, SFT): the timestep settings plus CFG training and logging."""
+
+    caption_dropout: float = 0.1
+    """Probability of replacing a caption by the empty prompt (trains CFG's unconditional branch)."""
+    loss_buckets: int = 4
+    """Log the loss per timestep range in this many equal ranges (0 or 1: off)."""
 
 
 def none_if_null(value):
     """Command-line `null` can arrive as the string "None"/"null"; it means no path."""
     return None if isinstance(value, str) and value.strip().lower() in ("", "none", "null") else value
 
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

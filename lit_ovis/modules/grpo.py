@@ -1,20 +1,25 @@
 """Flow-GRPO with coefficients-preserving sampling (report Stage 3, Eqs. 4-6).
 
 One training step = one GRPO iteration on a batch of prompts:
-1. rollout (no grad): G images per prompt with CFG, a short stochastic schedule (`grpo.rollout_steps`,
+1. rollout (no grad): G images per prompt with CFG, a short stochastic schedule (`grpo.rollout.steps`,
    fewer than evaluation), CPS or Flow-GRPO SDE steps (`lit_ovis.sampling.sde`); trajectories and the old
-   policy's per-step log-probs are stored;
+   policy's per-step log-probs are stored. One sampling section configures it: `model.sampling` with the
+   rollout's overrides (steps always; guidance scale and size only where set), see `rollout_sampling`;
 2. rewards: the weighted scorer ensemble on the decoded images (`lit_ovis.scoring`), logged per scorer;
 3. advantages per prompt group (Eq. 4), with rewards and group keys all-gathered so a group whose images are
-   spread over ranks is normalised over all of its members;
+   spread over ranks is normalised over all of its members (`lit_ovis.parallel.collectives`);
 4. training window: the contiguous run of denoising steps to train on, fixed or adapted every iteration from
-   per-step scores (`lit_ovis.losses.grpo`);
+   per-step scores (`lit_ovis.losses.window.TrainingWindow`: its scores and RNG are checkpointed);
 5. update (manual optimisation): for `inner_epochs` x mini-batches, every window step recomputes the policy
    log-prob of the stored transition, the clipped surrogate (Eq. 5) plus beta * KL to the frozen reference
    (the DPO model: a frozen copy of the backbone, or with LoRA the base weights with the adapter off);
-   gradients accumulate over the window's steps, are clipped, and the optimizer steps once per mini-batch.
+   gradients accumulate over the window's steps, are clipped (the base module's clipping), and the optimizer
+   steps once per mini-batch.
 
-`trainer.max_steps` counts optimizer steps: iterations x inner_epochs x optimizer_steps_per_epoch.
+Config groups (`GRPOConfig`): `rollout`, `advantages`, `update`, `window`, plus `rewards`. Random streams derive
+from the run seed (`seed_everything`): rollout noise per (rank, step), the update's mini-batch order per step
+(the same on every rank) and the window's exploration.
+`trainer.max_steps` counts optimizer steps: iterations x update.inner_epochs x update.optimizer_steps_per_epoch.
 Rewards: `grpo.rewards` maps scorer names (`lit_ovis.scoring.build_scorer`) to weights; a caller may instead
 set `module.reward_fns = {"name": fn}` with fn(images [N,3,H,W] in [0,1], prompts, metadata) -> [N].
 """
@@ -23,74 +28,127 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from lit_ovis.errors import ConfigError
-from lit_ovis.losses.grpo import (
-    GroupStatTracker, fixed_window, gaussian_step_kl, group_advantages, logp_change_signal,
-    noise_advantage_signal, ppo_clip_loss, select_window, sliding_window_start, update_step_scores,
-)
+from lit_ovis.losses.grpo import (GroupStatTracker, gaussian_step_kl, logp_change_signal, noise_advantage_signal,
+                                  ppo_clip_loss)
+from lit_ovis.losses.window import TrainingWindow, WindowConfig
 from lit_ovis.models.text_encoder import text_ids
 from lit_ovis.models.vae import latent_image_ids, latent_size, unpack_latents
 from lit_ovis.modules.base import OvisBaseModule
 from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
+from lit_ovis.parallel.collectives import global_group_advantages, mean_over_ranks
 from lit_ovis.parallel.fsdp import ParallelConfig
+from lit_ovis.render import reward_grid
 from lit_ovis.sampling.generate import SamplingConfig, initial_noise
-from lit_ovis.sampling.ode import sigma_schedule, velocity
+from lit_ovis.sampling.ode import sigma_schedule, uses_cfg, velocity
 from lit_ovis.sampling.sde import SAMPLERS, Trajectory, sampler_step, sde_sample
+from lit_ovis.seeds import mix_seed, run_seed
+
+UPDATE_ORDER_STREAM = 1  # mix_seed index of the update's mini-batch order (rollout noise is index 0)
 
 
 @dataclass
 class LoRASettings:
-    enabled: bool = False  # train a LoRA adapter instead of all weights; the reference is the adapter-off base
+    """A LoRA adapter instead of full fine-tuning (one GPU); the KL reference is then the adapter-off base."""
+
+    enabled: bool = False
+    """Train a LoRA adapter instead of all weights; the reference is the adapter-off base (no second model copy)."""
     rank: int = 64
+    """Adapter rank r."""
     alpha: int = 128
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
     dropout: float = 0.0
+    """Must stay 0 for GRPO: rollouts run without dropout, so a dropout update would not be on-policy."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
                                                                "add_k_proj", "add_v_proj", "to_add_out"])
+    """Names of the backbone's linear layers that get an adapter (peft's target_modules)."""
+
+
+@dataclass
+class RolloutConfig:
+    """How each iteration's images are sampled (on-policy, no grad)."""
+
+    group_size: int = 16
+    """G images per prompt on each rank (a prompt on several ranks forms one larger group)."""
+    steps: int = 10
+    """Denoising steps per rollout (fewer than model.sampling.steps, which evaluation and sample grids use)."""
+    sampler: str = "cps"
+    """Stochastic step: "cps" (coefficients-preserving, Wang & Yu 2025) or "sde" (Flow-GRPO)."""
+    noise_level: float = 0.7
+    """CPS eta in (0, 1] or the Flow-GRPO SDE's a: how much noise each step injects."""
+    guidance_scale: float | None = None
+    """CFG scale in rollouts and in the update's policy/reference forwards; unset: model.sampling.guidance_scale."""
+    height: int | None = None
+    """Rollout image height in px (multiple of 16); unset: model.sampling.height."""
+    width: int | None = None
+    """Rollout image width in px (multiple of 16); unset: model.sampling.width."""
+    batch_size: int = 8
+    """Images per rollout forward (memory bound)."""
+    log_prob_reduce: str = "mean"
+    """Reduction of step log-probs over latent dims: "mean" (Flow-GRPO, ratios O(1) at any size) or "sum"."""
+
+
+@dataclass
+class AdvantageConfig:
+    """Rewards -> advantages (report Eq. 4)."""
+
+    eps: float = 1e-4
+    """Added to the reward std before dividing."""
+    global_std: bool = False
+    """Divide by the batch's reward std instead of each group's."""
+    per_prompt_stats: bool = False
+    """Baseline from a per-prompt running buffer of past rewards (GroupStatTracker) instead of the current group."""
+    stat_buffer_size: int = 32
+    """per_prompt_stats: rewards kept per prompt."""
+    stat_min_count: int = 16
+    """per_prompt_stats: rewards needed before a prompt's own statistics replace the batch's."""
+    clip_max: float = 5.0
+    """Advantages are clipped to [-clip_max, clip_max] in the surrogate."""
+
+
+@dataclass
+class UpdateConfig:
+    """The policy update on the stored rollouts (manual optimisation)."""
+
+    batch_size: int = 8
+    """Samples per forward/backward in the update."""
+    inner_epochs: int = 1
+    """Passes over the stored rollouts per iteration."""
+    optimizer_steps_per_epoch: int = 1
+    """Mini-batches of an epoch accumulate into this many optimizer steps."""
+    clip_range: float = 1e-4
+    """PPO clip range of the probability ratio (tiny, as Flow-GRPO: per-dimension-mean ratios move little)."""
+    kl_beta: float = 0.04
+    """Weight of the KL penalty to the frozen reference (the DPO model); 0 skips the reference forward."""
+    shuffle_steps: bool = True
+    """Visit the window's denoising steps in a random order per mini-batch."""
 
 
 @dataclass
 class GRPOConfig:
-    group_size: int = 16  # G images per prompt on each rank (a prompt on several ranks forms one larger group)
-    rollout_steps: int = 10  # denoising steps per rollout (evaluation uses sampling.steps)
-    sampler: str = "cps"  # "cps" (Wang & Yu 2025) | "sde" (Flow-GRPO) — see lit_ovis.sampling.sde
-    noise_level: float = 0.7  # CPS eta in [0, 1] / Flow-GRPO a
-    guidance_scale: float = 5.0  # CFG inside rollouts and in the update's policy/reference forwards
-    height: int = 512
-    width: int = 512
-    rollout_batch_size: int = 8  # images per rollout forward (memory bound)
-    train_batch_size: int = 8  # samples per forward/backward in the update
-    inner_epochs: int = 1  # passes over the stored rollouts per iteration
-    optimizer_steps_per_epoch: int = 1  # mini-batches of an epoch accumulate into this many optimizer steps
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    adv_eps: float = 1e-4
-    global_std: bool = False  # divide by the batch's reward std instead of each group's
-    per_prompt_stats: bool = False  # baseline from a per-prompt running buffer (GroupStatTracker)
-    stat_buffer_size: int = 32
-    stat_min_count: int = 16
-    kl_beta: float = 0.04  # KL penalty to the reference (DPO) model; 0 skips the reference forward
-    log_prob_reduce: str = "mean"  # "mean" (Flow-GRPO) | "sum" over latent dims
-    window: str = "adaptive"  # "adaptive" | "sliding" (scheduled, noisy -> clean) | "fixed" | "all"
-    window_size: int = 4  # steps trained per iteration
-    window_start: int = 0  # for window="fixed"
-    window_shift_every: int = 25  # window="sliding": iterations before the window moves `window_stride` steps
-    window_stride: int = 1
-    window_signal: str = "noise"  # "noise": noise_advantage_signal on all steps | "logp_change": on trained steps
-    window_ema: float = 0.9
-    window_explore: float = 0.1  # "logp_change" only: chance of a random window so untrained steps get scored
-    shuffle_window_steps: bool = True
+    """Flow-GRPO settings, grouped as one iteration runs: rollout, rewards, advantages, window, update."""
+
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling the G images per prompt."""
     rewards: dict[str, float] = field(default_factory=lambda: {"ocr": 1.0})
+    """Scorer name -> weight of the reward ensemble (`lit_ovis.scoring` registry)."""
     reward_kwargs: dict[str, dict] = field(default_factory=dict)
-    log_images_every_n_steps: int = 50  # TensorBoard rollout grid with rewards; 0 disables
+    """Scorer name -> constructor arguments, e.g. {clip: {model_path: ...}}."""
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """Group-normalised advantages."""
+    window: WindowConfig = field(default_factory=WindowConfig)
+    """Which denoising steps each iteration trains on."""
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    """Clipped-surrogate + KL update on the stored rollouts."""
+    log_images_every_n_steps: int = 50
+    """TensorBoard grid of rollouts stamped with their rewards every N optimizer steps; 0 disables."""
     log_images_max: int = 16
-    seed: int = 0
+    """Rollouts in that grid."""
 
 
 def prompt_keys(prompts: list[str], device=None) -> torch.Tensor:
@@ -99,55 +157,11 @@ def prompt_keys(prompts: list[str], device=None) -> torch.Tensor:
     return torch.tensor(keys, dtype=torch.int64, device=device)
 
 
-def all_gather_varlen(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate a [N, ...] tensor from every rank (N may differ); returns it and this rank's offset."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.int64)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = torch.zeros((max(sizes),) + x.shape[1:], dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[:rank])
-
-
-def global_group_advantages(
-    rewards: torch.Tensor, keys: torch.Tensor, eps: float = 1e-4, global_std: bool = False,
-    tracker: GroupStatTracker | None = None,
-) -> torch.Tensor:
-    """This rank's advantages, with group statistics over all ranks' members of each group."""
-    all_r, offset = all_gather_varlen(rewards.float())
-    all_k, _ = all_gather_varlen(keys)
-    if tracker is not None:  # every rank updates an identical tracker with identical data
-        adv = tracker.update([str(int(k)) for k in all_k.tolist()], all_r)
-    else:
-        adv = group_advantages(all_r, all_k, eps=eps, global_std=global_std)
-    return adv[offset: offset + rewards.shape[0]]
-
-
-def reward_grid(images: torch.Tensor, rewards: torch.Tensor, nrow: int = 4) -> torch.Tensor:
-    """[3, H', W'] grid of images in [0, 1], each stamped with its reward (for TensorBoard)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    n, _, h, w = images.shape
-    ncol = min(nrow, n)
-    rows = (n + ncol - 1) // ncol
-    grid = torch.ones(3, rows * (h + 2), ncol * (w + 2))
-    for i in range(n):
-        arr = (images[i].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-        pil = Image.fromarray(arr)
-        draw = ImageDraw.Draw(pil)
-        draw.rectangle([0, 0, min(w, 40), 10], fill=(0, 0, 0))
-        draw.text((1, -1), f"{float(rewards[i]):.3g}", fill=(255, 255, 0))
-        img = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
-        r, c = divmod(i, ncol)
-        grid[:, r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = img
-    return grid
+def rollout_sampling(sampling: SamplingConfig, rollout: RolloutConfig) -> SamplingConfig:
+    """The one sampling section rollouts read: model.sampling with the rollout's steps and, where set, its
+    guidance scale and size (the schedule's shift settings always come from model.sampling)."""
+    given = {"guidance_scale": rollout.guidance_scale, "height": rollout.height, "width": rollout.width}
+    return replace(sampling, steps=rollout.steps, **{k: v for k, v in given.items() if v is not None})
 
 
 class GRPOModule(OvisBaseModule):
@@ -163,49 +177,51 @@ class GRPOModule(OvisBaseModule):
         lora: LoRASettings = LoRASettings(),
     ):
         super().__init__(backbone, encoders, optimizer, ema, sampling, parallel)
-        self._validate(grpo)
+        self.grpo = grpo
+        self.rollout_cfg = rollout_sampling(sampling, grpo.rollout)
+        self._validate()
         if lora.enabled and lora.dropout > 0:
             # rollouts run in eval mode (no dropout): a dropout-perturbed update would not be on-policy (ratio != 1)
             raise ConfigError(f"lora.dropout must be 0 for GRPO (got {lora.dropout}): rollouts and updates must be the same policy")
-        self.grpo = grpo
         self.lora_cfg = lora
         self.automatic_optimization = False
         self.reward_fns: dict[str, Callable] | None = None  # a caller's reward functions instead of grpo.rewards
         self._reward_ensemble = None  # built on first use (scorers may load models)
-        self.tracker = GroupStatTracker(grpo.stat_buffer_size, grpo.stat_min_count, grpo.adv_eps) if grpo.per_prompt_stats else None
-        self.step_scores: torch.Tensor | None = None
-        self._rng = random.Random(grpo.seed)
+        adv = grpo.advantages
+        self.tracker = GroupStatTracker(adv.stat_buffer_size, adv.stat_min_count, adv.eps) if adv.per_prompt_stats else None
+        self.window = TrainingWindow(grpo.window, seed=run_seed())
 
-    @staticmethod
-    def _validate(cfg: GRPOConfig) -> None:
-        if cfg.sampler not in ("sde", "cps"):
-            raise ConfigError(f"grpo.sampler must be 'sde' or 'cps' (of {SAMPLERS}), got {cfg.sampler!r}")
-        if cfg.noise_level <= 0:
-            raise ConfigError("grpo.noise_level must be > 0: deterministic rollouts have no log-probs to train")
-        if cfg.sampler == "cps" and cfg.noise_level > 1:
-            raise ConfigError(f"grpo.noise_level is CPS's eta and must lie in (0, 1], got {cfg.noise_level}")
-        if cfg.rollout_batch_size < 1 or cfg.train_batch_size < 1:
-            raise ConfigError("grpo.rollout_batch_size and grpo.train_batch_size must be >= 1")
-        if cfg.group_size < 2 and not cfg.per_prompt_stats:
-            raise ConfigError("grpo.group_size must be >= 2 (or set grpo.per_prompt_stats) for group advantages")
-        if cfg.window not in ("adaptive", "sliding", "fixed", "all"):
-            raise ConfigError(f"grpo.window must be 'adaptive', 'sliding', 'fixed' or 'all', got {cfg.window!r}")
-        if cfg.window_signal not in ("noise", "logp_change"):
-            raise ConfigError(f"grpo.window_signal must be 'noise' or 'logp_change', got {cfg.window_signal!r}")
-        if (cfg.height % 16) or (cfg.width % 16):
-            raise ConfigError(f"grpo.height/width must be multiples of 16, got {cfg.height}x{cfg.width}")
+    def _validate(self) -> None:
+        ro, upd = self.grpo.rollout, self.grpo.update
+        if ro.sampler not in ("sde", "cps"):
+            raise ConfigError(f"--model.grpo.rollout.sampler must be 'sde' or 'cps' (of {SAMPLERS}), got {ro.sampler!r}")
+        if ro.noise_level <= 0:
+            raise ConfigError("--model.grpo.rollout.noise_level must be > 0: deterministic rollouts have no log-probs to train")
+        if ro.sampler == "cps" and ro.noise_level > 1:
+            raise ConfigError(f"--model.grpo.rollout.noise_level is CPS's eta and must lie in (0, 1], got {ro.noise_level}")
+        if ro.batch_size < 1 or upd.batch_size < 1:
+            raise ConfigError("--model.grpo.rollout.batch_size and --model.grpo.update.batch_size must be >= 1")
+        if ro.group_size < 2 and not self.grpo.advantages.per_prompt_stats:
+            raise ConfigError("--model.grpo.rollout.group_size must be >= 2 (or set grpo.advantages.per_prompt_stats) for group advantages")
+        size = self.rollout_cfg
+        if (size.height % 16) or (size.width % 16):
+            raise ConfigError(f"--model.grpo.rollout.height/width must be multiples of 16, got {size.height}x{size.width}")
+
+    @property
+    def step_scores(self) -> torch.Tensor | None:
+        """The adaptive window's per-step scores."""
+        return self.window.scores
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the adaptive window's step scores and the exploration RNG continue across a resume
-        checkpoint["grpo_state"] = {"step_scores": self.step_scores, "rng": self._rng.getstate(),
+        checkpoint["grpo_state"] = {**self.window.state_dict(),
                                     "tracker": {k: list(v) for k, v in self.tracker.history.items()} if self.tracker else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("grpo_state")
         if not state:
             return
-        self.step_scores = state["step_scores"]
-        self._rng.setstate(state["rng"])
+        self.window.load_state_dict(state)
         if self.tracker is not None and state.get("tracker"):
             for k, v in state["tracker"].items():
                 self.tracker.history[k].extend(v)
@@ -220,7 +236,7 @@ class GRPOModule(OvisBaseModule):
         super().build_frozen()
         if self.lora_cfg.enabled:
             self._add_lora()
-        elif self.grpo.kl_beta > 0:
+        elif self.grpo.update.kl_beta > 0:
             ref = copy.deepcopy(self.backbone).eval()
             ref.requires_grad_(False)
             self._frozen["reference"] = ref
@@ -239,7 +255,7 @@ class GRPOModule(OvisBaseModule):
             raise ConfigError(f"lora.target_modules {cfg.target_modules} matched no layer of the backbone")
 
     def reference_velocity(self, x, sigma, embeds, txt, img, negative) -> torch.Tensor:
-        g = self.grpo.guidance_scale
+        g = self.rollout_cfg.guidance_scale
         if self.lora_cfg.enabled:
             self.backbone.disable_adapters()
             try:
@@ -252,43 +268,38 @@ class GRPOModule(OvisBaseModule):
         """The weighted reward ensemble (`lit_ovis.scoring.ScorerEnsemble`): `grpo.rewards` {name: weight} from the
         scorer registry with `grpo.reward_kwargs`, or the caller's `reward_fns` {name: fn}."""
         if self._reward_ensemble is None:
-            from lit_ovis.scoring import ScorerEnsemble, json_option
+            from lit_ovis.scoring.ensemble import build_ensemble
 
-            self._reward_ensemble = ScorerEnsemble.from_weights(
-                self.grpo.rewards, self.grpo.reward_kwargs, "none", option=json_option("--model.grpo.reward_kwargs"),
-                scorers=self.reward_fns,
-            )
+            self._reward_ensemble = build_ensemble(self.grpo.rewards, self.grpo.reward_kwargs, weights_option="--model.grpo.rewards",
+                                                   kwargs_option="--model.grpo.reward_kwargs", scorers=self.reward_fns)
         return self._reward_ensemble
 
     # ------------------------------------------------------------------------------------ rollout
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict[str, Any]:
         """G stochastic rollouts per prompt; returns the trajectory, conditioning and decoded images."""
-        cfg = self.grpo
+        ro, s = self.grpo.rollout, self.rollout_cfg
         self.place_frozen()
-        n_prompts = len(prompts)
-        prompts_rep = [p for p in prompts for _ in range(cfg.group_size)]
+        prompts_rep = [p for p in prompts for _ in range(ro.group_size)]
         n = len(prompts_rep)
         embeds = self.text_encoder.encode(prompts).to(self.device, self.compute_dtype)
-        embeds = embeds.repeat_interleave(cfg.group_size, 0)
-        negative = self.empty_embed.expand(n, -1, -1) if cfg.guidance_scale > 1.0 else None
-        lh, lw = latent_size(cfg.height, cfg.width)
+        embeds = embeds.repeat_interleave(ro.group_size, 0)
+        negative = self.empty_embed.expand(n, -1, -1) if uses_cfg(s.guidance_scale) else None
+        lh, lw = latent_size(s.height, s.width)
         img = latent_image_ids(lh, lw, device=self.device, dtype=embeds.dtype)
         txt = text_ids(embeds.shape[1], device=self.device, dtype=embeds.dtype)
-        seed = cfg.seed + 1_000_003 * self.global_step + 7919 * self.global_rank
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        noise = initial_noise(n, cfg.height, cfg.width, gen, device=self.device, dtype=embeds.dtype)
-        s = self.sampling_cfg
-        sigmas = sigma_schedule(cfg.rollout_steps, noise.shape[1], s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
+        gen = torch.Generator(device=self.device).manual_seed(mix_seed(run_seed(), self.global_rank, self.global_step))
+        noise = initial_noise(n, s.height, s.width, gen, device=self.device, dtype=embeds.dtype)
+        sigmas = sigma_schedule(s.steps, noise.shape[1], s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
         was_training = self.backbone.training
         self.backbone.eval()
         parts = []
         try:
-            for i in range(0, n, cfg.rollout_batch_size):
-                sl = slice(i, i + cfg.rollout_batch_size)
+            for i in range(0, n, ro.batch_size):
+                sl = slice(i, i + ro.batch_size)
                 parts.append(sde_sample(
-                    self.backbone, noise[sl], embeds[sl], txt, img, sigmas, cfg.sampler, cfg.noise_level,
-                    None if negative is None else negative[sl], cfg.guidance_scale, gen, cfg.log_prob_reduce,
+                    self.backbone, noise[sl], embeds[sl], txt, img, sigmas, ro.sampler, ro.noise_level,
+                    None if negative is None else negative[sl], s.guidance_scale, gen, ro.log_prob_reduce,
                 ))
         finally:
             self.backbone.train(was_training)
@@ -300,7 +311,7 @@ class GRPOModule(OvisBaseModule):
         vae_dtype = next(self.vae.parameters()).dtype
         images = (self.vae.decode(final.to(vae_dtype)).float() / 2 + 0.5).clamp(0, 1)
         return dict(traj=traj, prompts=prompts_rep, embeds=embeds, negative=negative, txt=txt, img=img,
-                    images=images, n_prompts=n_prompts)
+                    images=images, n_prompts=len(prompts))
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
@@ -310,36 +321,16 @@ class GRPOModule(OvisBaseModule):
 
     # ------------------------------------------------------------------------------------ window
     def choose_window(self, traj: Trajectory, adv: torch.Tensor, keys: torch.Tensor) -> tuple[int, int]:
-        cfg = self.grpo
-        valid = (traj.std > 0).cpu()
-        k = valid.numel()
-        if cfg.window == "all":
-            return fixed_window(k, 0, 0, valid)
-        if cfg.window == "fixed":
-            return fixed_window(k, cfg.window_start, cfg.window_size, valid)
-        if cfg.window == "sliding":  # derived from global_step, so a resumed run continues the schedule
-            iteration = self.global_step // self._opt_steps_per_iter(adv.shape[0])
-            start = sliding_window_start(iteration, int(valid.sum()), cfg.window_size, cfg.window_shift_every, cfg.window_stride)
-            return fixed_window(k, start, cfg.window_size, valid)
-        if cfg.window_signal == "noise":
-            sig = noise_advantage_signal(traj.noise, adv, keys)
-            if dist.is_available() and dist.is_initialized():  # identical window on every rank
-                dist.all_reduce(sig)
-                sig = sig / dist.get_world_size()
-            self.step_scores = update_step_scores(self.step_scores, sig.cpu(), cfg.window_ema)
-        elif self.step_scores is None or self._rng.random() < cfg.window_explore:
-            # logp_change scores exist only for trained steps: explore a random window (same seed on all ranks)
-            if self.step_scores is None:
-                self.step_scores = torch.zeros(k)
-            starts = [s for s in range(k - cfg.window_size + 1) if bool(valid[s:s + cfg.window_size].all())]
-            start = self._rng.choice(starts) if starts else 0
-            return fixed_window(k, start, cfg.window_size, valid)
-        return select_window(self.step_scores, cfg.window_size, valid)
+        if self.window.scores_noise:  # every step scored from the stored noise; identical on every rank
+            self.window.observe(mean_over_ranks(noise_advantage_signal(traj.noise, adv, keys)))
+        iteration = self.global_step // self._opt_steps_per_iter(adv.shape[0])
+        return self.window.choose(traj.std > 0, iteration)
 
     # ------------------------------------------------------------------------------------ update
     def step_log_prob(self, model_v: torch.Tensor, x, x_next, sigma, sigma_next):
-        return sampler_step(self.grpo.sampler, x, model_v, sigma, sigma_next, noise_level=self.grpo.noise_level,
-                            prev_sample=x_next, reduce=self.grpo.log_prob_reduce)
+        ro = self.grpo.rollout
+        return sampler_step(ro.sampler, x, model_v, sigma, sigma_next, noise_level=ro.noise_level,
+                            prev_sample=x_next, reduce=ro.log_prob_reduce)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         cfg = self.grpo
@@ -352,10 +343,10 @@ class GRPOModule(OvisBaseModule):
         ro = self.rollout(prompts)
         traj: Trajectory = ro["traj"]
         n = traj.latents.shape[0]
-        metadata = [{"target_text": t, "language": l} for t, l in zip(targets, langs) for _ in range(cfg.group_size)]
+        metadata = [{"target_text": t, "language": l} for t, l in zip(targets, langs) for _ in range(cfg.rollout.group_size)]
         reward, per_scorer = self.score(ro["images"], ro["prompts"], metadata)
         keys = prompt_keys(ro["prompts"], device=self.device)
-        adv = global_group_advantages(reward, keys, cfg.adv_eps, cfg.global_std, self.tracker).to(self.device)
+        adv = global_group_advantages(reward, keys, cfg.advantages.eps, cfg.advantages.global_std, self.tracker).to(self.device)
         start, end = self.choose_window(traj, adv, keys)
         window = list(range(start, end))
 
@@ -369,42 +360,44 @@ class GRPOModule(OvisBaseModule):
         log.update(stats)
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=n)
         self.log("train/reward", reward.mean(), on_step=True, prog_bar=True, batch_size=n)
-        if self.step_scores is not None and cfg.window == "adaptive":
+        if self.step_scores is not None and cfg.window.mode == "adaptive":
             self.log_dict({f"window/score_{k}": float(v) for k, v in enumerate(self.step_scores)}, on_step=True, batch_size=n)
         self._log_images(ro["images"], reward)
         return None
 
     def _update(self, ro, traj: Trajectory, adv, window, opt, sched) -> dict[str, torch.Tensor]:
-        cfg = self.grpo
+        upd = self.grpo.update
         n = traj.latents.shape[0]
         sigmas = traj.sigmas
-        gen = torch.Generator().manual_seed(cfg.seed + self.global_step)  # same permutation on every rank
+        # the same permutation on every rank
+        gen = torch.Generator().manual_seed(mix_seed(run_seed(), step=self.global_step, index=UPDATE_ORDER_STREAM))
         acc: dict[str, list[torch.Tensor]] = {}
         logp_change = torch.zeros(traj.log_probs.shape[1])
         logp_count = torch.zeros_like(logp_change)
-        n_mb = -(-n // cfg.train_batch_size)
-        accumulate = -(-n_mb // max(1, min(cfg.optimizer_steps_per_epoch, n_mb)))
-        for _ in range(cfg.inner_epochs):
+        n_mb = -(-n // upd.batch_size)
+        accumulate = -(-n_mb // max(1, min(upd.optimizer_steps_per_epoch, n_mb)))
+        guidance = self.rollout_cfg.guidance_scale
+        for _ in range(upd.inner_epochs):
             perm = torch.randperm(n, generator=gen)
-            for mb, b in enumerate(range(0, n, cfg.train_batch_size)):
-                idx = perm[b: b + cfg.train_batch_size].to(self.device)
+            for mb, b in enumerate(range(0, n, upd.batch_size)):
+                idx = perm[b: b + upd.batch_size].to(self.device)
                 steps = list(window)
-                if cfg.shuffle_window_steps:
+                if upd.shuffle_steps:
                     steps = [steps[i] for i in torch.randperm(len(steps), generator=gen).tolist()]
                 neg = None if ro["negative"] is None else ro["negative"][idx]
                 for k in steps:
                     x, x_next = traj.latents[idx, k], traj.latents[idx, k + 1]
-                    v = velocity(self.backbone, x, sigmas[k], ro["embeds"][idx], ro["txt"], ro["img"], neg,
-                                 guidance_scale=cfg.guidance_scale)
+                    v = velocity(self.backbone, x, sigmas[k], ro["embeds"][idx], ro["txt"], ro["img"], neg, guidance_scale=guidance)
                     out = self.step_log_prob(v, x, x_next, sigmas[k], sigmas[k + 1])
-                    loss, st = ppo_clip_loss(out.log_prob, traj.log_probs[idx, k], adv[idx], cfg.clip_range, cfg.adv_clip_max)
+                    loss, st = ppo_clip_loss(out.log_prob, traj.log_probs[idx, k], adv[idx], upd.clip_range,
+                                             self.grpo.advantages.clip_max)
                     st["policy_loss"] = loss.detach()
-                    if cfg.kl_beta > 0:
+                    if upd.kl_beta > 0:
                         with torch.no_grad():
                             v_ref = self.reference_velocity(x, sigmas[k], ro["embeds"][idx], ro["txt"], ro["img"], neg)
                             ref_mean = self.step_log_prob(v_ref, x, x_next, sigmas[k], sigmas[k + 1]).mean
-                        kl = gaussian_step_kl(out.mean, ref_mean, out.std, cfg.log_prob_reduce).mean()
-                        loss = loss + cfg.kl_beta * kl
+                        kl = gaussian_step_kl(out.mean, ref_mean, out.std, self.grpo.rollout.log_prob_reduce).mean()
+                        loss = loss + upd.kl_beta * kl
                         st["kl"] = kl.detach()
                     st["loss"] = loss.detach()
                     in_group = min(accumulate, n_mb - (mb // accumulate) * accumulate)
@@ -415,15 +408,10 @@ class GRPOModule(OvisBaseModule):
                         acc.setdefault(key, []).append(val.detach().float())
                 if (mb + 1) % accumulate == 0 or mb == n_mb - 1:
                     self._clip_and_step(opt, sched, acc)
-        if cfg.window == "adaptive" and cfg.window_signal == "logp_change":
+        if self.window.scores_updates:  # scores of the trained steps only, averaged over ranks
             seen = logp_count > 0
             sig = torch.where(seen, logp_change / logp_count.clamp_min(1), torch.zeros_like(logp_change))
-            if dist.is_available() and dist.is_initialized():
-                sig = sig.to(self.device)
-                dist.all_reduce(sig)
-                sig = (sig / dist.get_world_size()).cpu()
-            new = update_step_scores(self.step_scores, sig, cfg.window_ema)
-            self.step_scores = torch.where(seen, new, self.step_scores)
+            self.window.observe(mean_over_ranks(sig, self.device), seen)
         out = {f"train/{k}": torch.stack(v).mean() for k, v in acc.items() if k not in ("ratio_min", "ratio_max")}
         if "ratio_min" in acc:
             out["train/ratio_min"] = torch.stack(acc["ratio_min"]).min()
@@ -431,11 +419,8 @@ class GRPOModule(OvisBaseModule):
         return out
 
     def _clip_and_step(self, opt, sched, acc) -> None:
-        max_norm = self.optim_cfg.grad_clip
-        if max_norm and max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
+        norm = self.clip_grad_norm()
+        if norm is not None:
             acc.setdefault("grad_norm", []).append(norm.detach().float())
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -453,9 +438,10 @@ class GRPOModule(OvisBaseModule):
         if not hasattr(experiment, "add_image"):
             return
         m = min(self.grpo.log_images_max, images.shape[0])
-        experiment.add_image("rollouts", reward_grid(images[:m], rewards[:m], nrow=self.grpo.group_size), self.global_step)
+        experiment.add_image("rollouts", reward_grid(images[:m], rewards[:m], nrow=self.grpo.rollout.group_size), self.global_step)
 
     def _opt_steps_per_iter(self, n: int) -> int:
-        n_mb = -(-n // self.grpo.train_batch_size)
-        accumulate = -(-n_mb // max(1, min(self.grpo.optimizer_steps_per_epoch, n_mb)))
-        return self.grpo.inner_epochs * -(-n_mb // accumulate)
+        upd = self.grpo.update
+        n_mb = -(-n // upd.batch_size)
+        accumulate = -(-n_mb // max(1, min(upd.optimizer_steps_per_epoch, n_mb)))
+        return upd.inner_epochs * -(-n_mb // accumulate)

@@ -2,7 +2,7 @@
 
 The policy (`self.backbone`, trainable) and the reference (`self.reference`, frozen) both start from the SFT
 checkpoint given as `backbone.pretrained` (a lit-ovis `.ckpt`, `.safetensors` or diffusers folder); set
-`dpo.reference_pretrained` to load the reference from a different file. The reference is a deep copy of the
+`sdpo.reference_pretrained` to load the reference from a different file. The reference is a deep copy of the
 backbone built before any parallelism: it lives in `self._frozen` (outside the module tree), so it is never in
 the optimizer or a checkpoint, stays in eval mode with requires_grad False, and `parallelize_module` shards it
 on the same mesh and mixed-precision policy as the policy. It also runs the policy's code path: after
@@ -15,7 +15,9 @@ One training step (the math lives in `lit_ovis.losses.dpo`):
   shared noise and timestep per pair -> x_t for winner and loser -> policy velocities for both in one batched
   forward ([winner; loser] concatenated along the batch) -> reference velocities (no grad, also batched) ->
   Diffusion-DPO on the per-sample flow-matching errors, the loser branch's gradient scaled per pair by
-  lambda_safe when `dpo.safeguard` is on.
+  lambda_safe when `sdpo.safeguard.enabled` (the settings travel as one `SafeguardConfig`).
+Timesteps are drawn with the flow-matching stage's settings (`SDPOConfig` extends `TimestepConfig`).
+One name for the stage everywhere: this file, `SDPOModule`, `SDPOConfig`, the config section `sdpo`, `sdpo_loss`.
 
 Batches: `{"latents_w": [B,16,h,w], "latents_l": [B,16,h,w], "prompt_embeds"?: [B,L,D], "captions": [...]}`
 (docs/CONTRACT.md, from `data_modules.preference`).
@@ -24,40 +26,34 @@ Batches: `{"latents_w": [B,16,h,w], "latents_l": [B,16,h,w], "prompt_embeds"?: [
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lit_ovis import flow
 from lit_ovis.errors import ConfigError
-from lit_ovis.losses.dpo import SAFEGUARD_RULES, sdpo_loss
+from lit_ovis.losses.dpo import SafeguardConfig, sdpo_loss
 from lit_ovis.models.backbone import build_backbone
 from lit_ovis.models.vae import pack_latents
 from lit_ovis.modules.base import OvisBaseModule
-from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
+from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig, TimestepConfig
 from lit_ovis.parallel.fsdp import ParallelConfig
 from lit_ovis.sampling.generate import SamplingConfig
 
 
 @dataclass
-class DPOConfig:
-    beta: float = 5000.0  # Diffusion-DPO temperature with T folded in (mean-reduced MSE; see losses/dpo.py)
-    safeguard: bool = True  # Diffusion-SDPO loser scaling; False = plain Diffusion-DPO
-    safeguard_rule: str = "report"  # "report" (Ovis-Image Eq. 3) | "paper" (Diffusion-SDPO release closed form)
-    mu: float = 1.0  # "report": strength of the loser branch; "paper": safety margin in [0, 1]
-    lambda_min: float = 0.0
-    lambda_max: float = 1.0
-    safety_margin: float = 0.0  # clip so lambda <g_w,g_l> <= (1 - margin) |g_w|^2 (both rules); see losses/dpo.py
-    eps: float = 1e-12
-    timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal" (as in SFT)
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    timestep_shift: str = "dynamic"  # "none" | "static" | "dynamic"
-    shift: float = 3.0
-    loss_weighting: str = "none"  # per-pair w(t) inside the sigmoid: "none" | "cosmap" | "sigma_sqrt"
-    batched_forward: bool = True  # winner and loser in one forward (2B); False = two forwards (less memory)
-    reference_pretrained: str | None = None  # reference weights; None = the same weights as the policy
+class SDPOConfig(TimestepConfig):
+    """Diffusion-DPO with the Diffusion-SDPO safeguard; timesteps as in the flow-matching stage."""
+
+    beta: float = 5000.0
+    """Diffusion-DPO temperature with T folded in (mean-reduced errors, so thousands; see lit_ovis/losses/dpo.py)."""
+    safeguard: SafeguardConfig = field(default_factory=SafeguardConfig)
+    """The winner-preserving loser scale lambda_safe."""
+    batched_forward: bool = True
+    """Winner and loser in one forward (2B); false = two forwards (less activation memory)."""
+    reference_pretrained: str | None = None
+    """Weights of the frozen reference; unset: the same weights as the policy (backbone.pretrained)."""
 
 
 class SDPOModule(OvisBaseModule):
@@ -69,26 +65,13 @@ class SDPOModule(OvisBaseModule):
         ema: EMAConfig = EMAConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         parallel: ParallelConfig = ParallelConfig(),
-        dpo: DPOConfig = DPOConfig(),
+        sdpo: SDPOConfig = SDPOConfig(),
     ):
         super().__init__(backbone, encoders, optimizer, ema, sampling, parallel)
-        self._validate(dpo)
-        self.dpo = dpo
-
-    @staticmethod
-    def _validate(cfg: DPOConfig) -> None:
-        if cfg.beta <= 0:
-            raise ConfigError(f"--model.dpo.beta must be > 0 (got {cfg.beta}); the report uses a large beta (thousands)")
-        if cfg.safeguard_rule not in SAFEGUARD_RULES:
-            raise ConfigError(f"--model.dpo.safeguard_rule must be one of {SAFEGUARD_RULES}, got {cfg.safeguard_rule!r}")
-        if cfg.safeguard_rule == "paper" and not 0.0 <= cfg.mu <= 1.0:
-            raise ConfigError(f"--model.dpo.mu must be in [0, 1] with safeguard_rule 'paper' (a safety margin), got {cfg.mu}")
-        if cfg.mu < 0:
-            raise ConfigError(f"--model.dpo.mu must be >= 0, got {cfg.mu}")
-        if not 0.0 <= cfg.safety_margin <= 1.0:
-            raise ConfigError(f"--model.dpo.safety_margin must be in [0, 1], got {cfg.safety_margin}")
-        if not 0.0 <= cfg.lambda_min <= cfg.lambda_max:
-            raise ConfigError(f"--model.dpo.lambda_min/lambda_max need 0 <= min <= max, got {cfg.lambda_min}, {cfg.lambda_max}")
+        if sdpo.beta <= 0:
+            raise ConfigError(f"--model.sdpo.beta must be > 0 (got {sdpo.beta}); the report uses a large beta (thousands)")
+        sdpo.safeguard.check()
+        self.sdpo = sdpo
 
     # ------------------------------------------------------------------------------------ models
     @property
@@ -98,7 +81,7 @@ class SDPOModule(OvisBaseModule):
 
     def build_frozen(self) -> None:
         super().build_frozen()
-        path = self.dpo.reference_pretrained
+        path = self.sdpo.reference_pretrained
         ref = build_backbone(self.backbone_cfg.preset, path) if path else copy.deepcopy(self.backbone)
         ref.eval().requires_grad_(False)
         self._frozen["reference"] = ref
@@ -134,9 +117,9 @@ class SDPOModule(OvisBaseModule):
             return pred.chunk(2)
         return self.predict_velocity(model, x_w, t, cond_w), self.predict_velocity(model, x_l, t, cond_l)
 
-    def dpo_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None):
+    def pair_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None):
         """(loss, stats) for one preference batch; shared with validation (fixed generator there)."""
-        cfg = self.dpo
+        cfg = self.sdpo
         x0_w = batch["latents_w"].to(self.device, self.compute_dtype)
         x0_l = batch["latents_l"].to(self.device, self.compute_dtype)
         if x0_w.shape != x0_l.shape:
@@ -157,15 +140,11 @@ class SDPOModule(OvisBaseModule):
             ref_w, ref_l = self.velocities(self.reference, x_w, x_l, t, cond, cond, cfg.batched_forward)
         self._reshard_reference()
         weights = flow.loss_weights(t, cfg.loss_weighting)
-        return sdpo_loss(
-            pred_w, pred_l, target_w, target_l, ref_w, ref_l, cfg.beta, weights,
-            safeguard=cfg.safeguard, mu=cfg.mu, lambda_min=cfg.lambda_min, lambda_max=cfg.lambda_max,
-            eps=cfg.eps, rule=cfg.safeguard_rule, safety_margin=cfg.safety_margin,
-        )
+        return sdpo_loss(pred_w, pred_l, target_w, target_l, ref_w, ref_l, cfg.beta, weights, cfg.safeguard)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         # Per-(seed, rank, step, micro-batch) noise: ranks differ, and a resumed run redraws the same noise.
-        loss, stats = self.dpo_loss(batch, generator=self.step_generator(batch_idx))
+        loss, stats = self.pair_loss(batch, generator=self.step_generator(batch_idx))
         b = batch["latents_w"].shape[0]
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=b)
         self.log("train/implicit_acc", stats.pop("implicit_acc"), on_step=True, prog_bar=True, batch_size=b)
@@ -174,7 +153,7 @@ class SDPOModule(OvisBaseModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
         gen = torch.Generator(device=self.device).manual_seed(batch_idx)
-        loss, stats = self.dpo_loss(batch, generator=gen)
+        loss, stats = self.pair_loss(batch, generator=gen)
         b = batch["latents_w"].shape[0]
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=b)
         keep = ("implicit_acc", "reward_margin", "policy_loss_w", "policy_loss_l", "ref_loss_w", "ref_loss_l")

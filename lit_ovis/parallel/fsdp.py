@@ -18,26 +18,38 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lit_ovis.dtypes import DTYPES
 from lit_ovis.errors import ConfigError
 from lit_ovis.parallel.memory import apply_activation_checkpointing, apply_activation_offloading
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @dataclass
 class ParallelConfig:
-    data_parallel_replicate: int = 1  # HSDP replicas (usually = nodes); 1 = plain FSDP over all ranks
-    hsdp: bool = False  # force a 2-D (replicate, shard) mesh even with one replica (on when replicate > 1)
-    reshard_after_forward: bool = True  # ZeRO-3 style; False keeps gathered params until backward (faster, more memory)
-    param_dtype: str = "fp32"  # compute dtype under FSDP2 ("bf16" on GPUs); master weights stay fp32
-    reduce_dtype: str = "fp32"  # gradient all-reduce / reduce-scatter dtype
-    activation_checkpointing: str = "none"  # "none" | "full" (every block) | "selective" (every Nth block)
+    """Speed and memory levers, applied to the module without editing the model (`parallelize_module`)."""
+
+    data_parallel_replicate: int = 1
+    """HSDP replicas (usually the number of nodes); 1 = plain FSDP over all ranks."""
+    hsdp: bool = False
+    """Force a 2-D (replicate, shard) mesh even with one replica (on whenever data_parallel_replicate > 1)."""
+    reshard_after_forward: bool = True
+    """ZeRO-3 style; false keeps the gathered parameters until backward (faster, more memory)."""
+    param_dtype: str = "fp32"
+    """Compute dtype ("bf16" on GPUs); the master weights the optimizer steps on stay fp32."""
+    reduce_dtype: str = "fp32"
+    """Dtype of the gradient all-reduce / reduce-scatter."""
+    activation_checkpointing: str = "none"
+    """"none", "full" (every block) or "selective" (every checkpoint_every_n_blocks-th block)."""
     checkpoint_every_n_blocks: int = 2
-    activation_offloading: bool = False  # saved activations go to pinned CPU memory
-    compile: bool = False  # regional compilation: torch.compile each repeated block
-    attention_backend: str | None = None  # diffusers backend: "flash", "_flash_3", "_native_cudnn", "native", ...
-    cpu_offload: bool = False  # FSDP2 parameter/gradient offload to CPU (optimizer steps on CPU)
-    shard_frozen: bool = True  # shard the text encoder / reference model too (else replicate)
+    """Selective checkpointing: checkpoint one block in this many."""
+    activation_offloading: bool = False
+    """Move saved activations to pinned CPU memory (parameters stay on the GPU)."""
+    compile: bool = False
+    """Regional compilation: torch.compile each repeated block."""
+    attention_backend: str | None = None
+    """diffusers attention backend: "flash", "_flash_3", "_native_cudnn", "native", ...; unset: diffusers' default."""
+    cpu_offload: bool = False
+    """FSDP2 parameter/gradient offload to CPU (the optimizer steps on CPU)."""
+    shard_frozen: bool = True
+    """Shard the text encoder and reference model too (else replicate them)."""
 
 
 def blocks_of(backbone: nn.Module) -> list[nn.Module]:

@@ -17,11 +17,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+from lit_ovis.checkpoints import is_sharded_checkpoint
 from lit_ovis.errors import CheckpointError, ConfigError
-
-
-def _is_complete(path: Path) -> bool:
-    return (path / ".metadata").exists()
 
 
 def prepare_sharded_target(path: Path) -> None:
@@ -33,7 +30,7 @@ def prepare_sharded_target(path: Path) -> None:
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     if old.exists():
-        if not path.exists() and _is_complete(old):
+        if not path.exists() and is_sharded_checkpoint(old):
             os.replace(old, path)
         else:
             shutil.rmtree(old)

@@ -12,23 +12,34 @@ import torch
 
 from lit_ovis.models.text_encoder import OvisTextEncoder, text_ids
 from lit_ovis.models.vae import FluxVAE, latent_image_ids, latent_size, pack_latents, unpack_latents
-from lit_ovis.sampling.ode import euler_sample, sigma_schedule
+from lit_ovis.sampling.ode import euler_sample, sigma_schedule, uses_cfg
 
 
 @dataclass
 class SamplingConfig:
-    """Defaults equal the released pipeline's (1024x1024, 50 steps, CFG 5, empty negative prompt)."""
+    """Image generation (sample grids, predict, eval; GRPO rollouts override steps). Defaults equal the released
+    pipeline's (1024x1024, 50 steps, CFG 5, empty negative prompt)."""
 
     steps: int = 50
+    """Euler denoising steps."""
     guidance_scale: float = 5.0
+    """Classifier-free guidance scale (<= 1: no unconditional branch)."""
     height: int = 1024
+    """Image height in px (multiple of 16)."""
     width: int = 1024
+    """Image width in px (multiple of 16)."""
     negative_prompt: str = ""
+    """Prompt of CFG's unconditional branch."""
     batch_cfg: bool = True
+    """Run the conditional and unconditional branches in one batched forward (faster)."""
     base_seq_len: int = 256
+    """Image tokens at which the schedule's resolution shift is base_shift (the scheduler's base_image_seq_len)."""
     max_seq_len: int = 4096
+    """Image tokens at which the shift is max_shift (the scheduler's max_image_seq_len)."""
     base_shift: float = 0.5
+    """Resolution shift mu at base_seq_len."""
     max_shift: float = 1.15
+    """Resolution shift mu at max_seq_len."""
 
 
 def initial_noise(
@@ -89,7 +100,7 @@ def generate_images(
     seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
     embeds = text_encoder.encode(prompts).to(device, dtype)
     negative = None
-    if cfg.guidance_scale > 1.0:
+    if uses_cfg(cfg.guidance_scale):
         negative = text_encoder.encode([cfg.negative_prompt] * len(prompts)).to(device, dtype)
     # One generator per sample so an image does not depend on its batch neighbours.
     noise = torch.cat([

@@ -36,6 +36,11 @@ def sigma_schedule(
     return torch.cat([sigmas, torch.zeros(1)])
 
 
+def uses_cfg(guidance_scale: float) -> bool:
+    """Classifier-free guidance runs (an unconditional branch is needed) only for a scale above 1, as in the pipeline."""
+    return guidance_scale > 1.0
+
+
 def model_timestep(sigma: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """The pipeline feeds `sigma * 1000 / 1000` (its scheduler timesteps rescaled); keep that rounding."""
     return ((sigma * 1000.0).expand(batch).to(dtype)) / 1000.0
@@ -56,7 +61,7 @@ def velocity(
     """Guided velocity v = v_neg + g (v_cond - v_neg) at one sigma (plain v_cond without guidance)."""
     b = latents.shape[0]
     timestep = model_timestep(sigma, b, latents.dtype)
-    use_cfg = negative_embeds is not None and guidance_scale > 1.0
+    use_cfg = negative_embeds is not None and uses_cfg(guidance_scale)
     if not use_cfg:
         return transformer(
             hidden_states=latents, timestep=timestep, encoder_hidden_states=prompt_embeds,

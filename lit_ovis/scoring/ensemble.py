@@ -1,16 +1,17 @@
-"""Weighted ensemble of scorers with per-scorer normalisation: the one place where eval, make-pairs and GRPO
-turn several scorers into one number. Returns the total and every component (GRPO logs each reward;
+"""Weighted ensemble of scorers with per-scorer normalisation: the one place where eval, make-pairs, GRPO and
+the eval callback turn their scorer settings into an ensemble (`build_ensemble`) and several scorers into one number. Returns the total and every component (GRPO logs each reward;
 make-pairs normalises components over its whole pool with `combine`; eval keeps the per-sample details such as
 the OCR text and its metrics)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Sequence
 
 import torch
 
 from lit_ovis.errors import ConfigError
-from lit_ovis.scoring.base import REGISTRY, OptionHint, Scorer, build_scorer
+from lit_ovis.scoring.base import REGISTRY, OptionHint, Scorer, build_scorer, flag_options, json_option
 
 NORMALISATIONS = ("none", "zscore", "minmax", "rank")
 
@@ -136,3 +137,28 @@ def parse_weights(spec: str, option: str = "--scorers") -> dict[str, float]:
     if not out:
         raise ConfigError(f"{option} is empty; name at least one scorer, e.g. {option} ocr=1.0")
     return out
+
+
+def build_ensemble(weights: str | dict[str, float], kwargs: str | dict[str, dict] | None = None, normalisation: str = "none", *,
+                   weights_option: str = "--scorers", kwargs_option: str = "--scorer-kwargs", normalisation_option: str = "--normalise",
+                   flags: dict[str, str] | None = None, defaults: dict[str, dict] | None = None,
+                   scorers: dict[str, Scorer | Callable] | None = None) -> ScorerEnsemble:
+    """A scorer ensemble from a command's settings, as every command spells them: `weights` as 'ocr=1,clip=0.5'
+    or {name: weight}, `kwargs` as JSON text or {name: {...}} for the scorers' constructors. The `*_option`
+    names and `flags` ({constructor key: dedicated flag}, e.g. eval's --clip-model) are how the command's user
+    sets each value: errors name them. `defaults` {name: {...}} fill keys that `kwargs` leaves unset (e.g. the
+    model path of eval's --clip-model). `scorers` given by a caller (tests, notebooks, GRPO's `reward_fns`)
+    replace the registry."""
+    if isinstance(weights, str):
+        weights = parse_weights(weights, weights_option)
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{kwargs_option} is not valid JSON ({err.msg}); e.g. '{{\"clip\": {{\"model_path\": \"/models/clip\"}}}}'") from None
+    kwargs = {name: {**(defaults or {}).get(name, {}), **dict(value or {})} for name, value in {**(defaults or {}), **(kwargs or {})}.items()}
+    if normalisation not in NORMALISATIONS:
+        raise ConfigError(f"{normalisation_option} must be {', '.join(NORMALISATIONS[:-1])} or {NORMALISATIONS[-1]}, got '{normalisation}'")
+    option = json_option(kwargs_option)
+    return ScorerEnsemble.from_weights(weights, kwargs, normalisation, flag_options(flags, option) if flags else option, scorers)
+

@@ -30,6 +30,7 @@ import difflib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 # CVTG-2K: the text to render is quoted in single quotes inside the prompt.
 _CVTG_QUOTED = re.compile(r"'(.*?)'")
@@ -164,3 +165,37 @@ def ocr_reward(prediction: str, target: str, language: str | None = None) -> flo
     recall = sum(similarity(w, _best_match(w, have)) for w in want) / len(want)
     precision = sum(similarity(h, _best_match(h, want)) for h in have) / len(have)
     return 0.0 if recall + precision <= 0 else 2 * recall * precision / (recall + precision)
+
+
+# ----------------------------------------------------------------------------------- set-level aggregation
+def group_metrics(records: list[dict], names: list[str]) -> dict:
+    """Means of each scorer and the pooled OCR metrics of a set of scored records (eval's per-sample records:
+    {"scores": {name: value}, "ocr": `ocr.text_metrics` output or None, ...})."""
+    entry: dict[str, Any] = {"samples": len(records)}
+    for name in names:
+        values = [r["scores"][name] for r in records if name in r["scores"]]
+        entry[name] = sum(values) / len(values) if values else None
+    with_text = [r for r in records if r.get("ocr") and r["ocr"]["word_total"] > 0]
+    if with_text:
+        # Pooled over every target word / unit of the group, as CVTG-2K and LongText-Bench aggregate.
+        entry.update(pool_words([WordScores(r["ocr"]["word_total"], r["ocr"]["word_correct"], r["ocr"]["word_ned"]) for r in with_text]))
+        units = sum(r["ocr"]["text_total"] for r in with_text)
+        entry["text_accuracy"] = sum(r["ocr"]["text_matched"] for r in with_text) / units if units else None
+        entry["text_units"] = units
+        entry["ocr_reward"] = sum(r["ocr"]["reward"] for r in with_text) / len(with_text)
+    return entry
+
+
+def aggregate(records: list[dict], names: list[str] | None = None) -> dict:
+    """Set-level metrics overall and per language (EN / ZH), plus CVTG-2K's breakdown by region count: what
+    `lit-ovis eval` reports and the in-training eval callback logs."""
+    names = names if names is not None else (list(records[0]["scores"]) if records else [])
+    agg: dict[str, Any] = {"samples": len(records)}
+    for lang in ("all", "en", "zh"):
+        subset = [r for r in records if lang == "all" or r["language"] == lang]
+        if subset:
+            agg[lang] = group_metrics(subset, names)
+    regions = sorted({r["regions"] for r in records if r.get("benchmark") == "cvtg" and r.get("regions")})
+    if regions:  # CVTG-2K's breakdown by the number of text regions in the prompt
+        agg["cvtg_by_regions"] = {str(n): group_metrics([r for r in records if r.get("regions") == n], names) for n in regions}
+    return agg

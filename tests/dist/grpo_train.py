@@ -31,7 +31,8 @@ def main() -> None:
 
     import lit_ovis.modules.grpo as grpo_mod
     from lit_ovis.modules.config import EncoderConfig, OptimizerConfig
-    from lit_ovis.modules.grpo import GRPOConfig, GRPOModule
+    from lit_ovis.losses.window import WindowConfig
+    from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, RolloutConfig, UpdateConfig
     from lit_ovis.parallel.fsdp import ParallelConfig
     from lit_ovis.parallel.strategy import AtomicModelParallelStrategy
     from lit_ovis.sampling.generate import SamplingConfig
@@ -40,8 +41,9 @@ def main() -> None:
     module = GRPOModule(
         encoders=EncoderConfig(max_sequence_length=8), optimizer=OptimizerConfig(lr=1e-3),
         sampling=SamplingConfig(steps=4, guidance_scale=1.0, height=32, width=32), parallel=ParallelConfig(),
-        grpo=GRPOConfig(group_size=2, rollout_steps=4, height=32, width=32, guidance_scale=1.0, rollout_batch_size=2,
-                        train_batch_size=2, clip_range=0.2, kl_beta=0.01, window_size=2, log_images_every_n_steps=0),
+        grpo=GRPOConfig(rollout=RolloutConfig(group_size=2, steps=4, height=32, width=32, guidance_scale=1.0, batch_size=2),
+                        update=UpdateConfig(batch_size=2, clip_range=0.2, kl_beta=0.01), window=WindowConfig(size=2),
+                        log_images_every_n_steps=0),
     )
     module.reward_fns = {"brightness": lambda images, prompts, metadata: images.mean(dim=(1, 2, 3))}
     recorder = Recorder()

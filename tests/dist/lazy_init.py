@@ -23,7 +23,8 @@ def main() -> None:
 
     import lit_ovis.models.backbone as backbone_mod
     from lit_ovis.modules.config import BackboneConfig, EncoderConfig
-    from lit_ovis.modules.grpo import GRPOConfig, GRPOModule
+    from lit_ovis.losses.window import WindowConfig
+    from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, RolloutConfig, UpdateConfig
     from lit_ovis.parallel.strategy import AtomicModelParallelStrategy
     from lit_ovis.sampling.generate import SamplingConfig
 
@@ -39,8 +40,8 @@ def main() -> None:
     module = GRPOModule(
         backbone=BackboneConfig(preset="tiny", pretrained=args.weights), encoders=EncoderConfig(max_sequence_length=8),
         sampling=SamplingConfig(steps=2, guidance_scale=1.0, height=32, width=32),
-        grpo=GRPOConfig(group_size=2, rollout_steps=2, height=32, width=32, guidance_scale=1.0, kl_beta=0.01,
-                        window_size=1, log_images_every_n_steps=0),
+        grpo=GRPOConfig(rollout=RolloutConfig(group_size=2, steps=2, height=32, width=32, guidance_scale=1.0),
+                        update=UpdateConfig(kl_beta=0.01), window=WindowConfig(size=1), log_images_every_n_steps=0),
     )
     result = {}
 

@@ -13,13 +13,14 @@ encoder-versus-sampler latent statistics, only by content.
 
 Streaming and resumable: records are read one at a time and grouped per resolution bucket; every
 `--batch-size` prompts of a bucket are generated, scored and saved atomically as one work shard
-(`<out>/.work/shard-<first record>.pt` + a `.json` with its ids and raw scores). A killed run skips every
+(`<out>/_work/<resolution>/shard-<first record>.pt` + a `.json` with its ids and raw scores, the restart cache
+layout of `prepare`). A killed run skips every
 prompt with a finished shard; changed generation or scorer settings refuse to mix with the old shards. The
 final pass reads only the raw scores to choose winners, then streams the shards one at a time into the
 per-bucket LitData writers, so neither the pool nor the pairs are ever all in memory.
 
-Output (same layout as `lit-ovis prepare`, read by `data_modules.preference`): `<out>/<resolution>/<WxH>/`
-LitData datasets with items {id, caption, language, target_text, latents_w, latents_l, [prompt_embeds],
+Output (written by the same bucketed writer as `lit-ovis prepare`, `data_modules.writer`; read by
+`data_modules.preference`): `<out>/<resolution>/<WxH>/` LitData datasets with items {id, caption, language, target_text, latents_w, latents_l, [prompt_embeds],
 score_w, score_l, margin, winner} (winner: "reference" or "generated"), `<out>/<resolution>/report.json` and the
 root `<out>/report.json` listing every resolution (`data_modules.layout`).
 
@@ -45,52 +46,67 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from data_modules.layout import atomic_write, swap_in, update_root_report
+from data_modules.layout import work_dir
+from data_modules.records import add_source_options, records_from_options
+from data_modules.writer import BucketedWriter, trim_embeddings
 from lit_ovis.errors import CheckpointError, ConfigError, DataError, OneLineArgumentParser
-from lit_ovis.scoring.ensemble import ScorerEnsemble, combine, normalise, parse_weights
+from lit_ovis.files import atomic_write
+from lit_ovis.options import add_options, from_options
+from lit_ovis.scoring.ensemble import ScorerEnsemble, build_ensemble as ensemble_from_options, parse_weights
+from lit_ovis.seeds import mix_seed
 
-REPORT = "report.json"
-WORK = ".work"
 ScoreFn = Callable[[torch.Tensor, list, list], torch.Tensor]
 
 
 @dataclass
 class PairsConfig:
+    """Settings of `lit-ovis make-pairs` (each field is a --kebab-case option)."""
+
     output_dir: str
-    resolution: int = 1024  # bucket target side (area ~ resolution^2), as in `lit-ovis prepare`
+    """Root of the pair datasets; each resolution goes to <output_dir>/<resolution>/."""
+    resolution: int = 1024
+    """Bucket target side in px (area ~ resolution^2), as in `lit-ovis prepare`."""
     min_aspect: float = 0.25
+    """Narrowest bucket (width / height)."""
     max_aspect: float = 4.0
+    """Widest bucket (width / height)."""
     backbone_preset: str = "ovis-image-7b"
-    checkpoint: str | None = None  # SFT weights: lit-ovis .ckpt, .safetensors or diffusers folder
+    """Backbone preset of the model that generates the second candidate."""
+    checkpoint: str | None = None
+    """SFT weights: a lit-ovis .ckpt or sharded directory, .safetensors or diffusers folder (unset: random init)."""
     text_encoder: str = "AIDC-AI/Ovis-Image-7B"
+    """Text encoder preset, folder or hub id."""
     vae: str = "AIDC-AI/Ovis-Image-7B"
+    """VAE preset, folder or hub id."""
     max_sequence_length: int = 256
+    """Text-encoder length."""
     steps: int = 50
+    """Denoising steps of the generated candidate."""
     guidance_scale: float = 5.0
+    """CFG scale of the generated candidate."""
     seed: int = 0
+    """Generation seed; each record's seed derives from it and the record's index (independent of batching)."""
     batch_size: int = 4
-    scorers: str = "ocr=1.0"  # comma-separated name=weight
-    scorer_kwargs: str = "{}"  # JSON: {"name": {...}} passed to build_scorer, e.g. {"clip": {"model_path": "..."}}
-    normalise: str = "zscore"  # "zscore" | "minmax" | "rank" | "none" (per scorer, over the whole pool)
-    min_margin: float = 0.1  # in combined (normalised, weighted) score units
+    """Prompts per generate / score / encode batch (and per restart-cache shard)."""
+    scorers: str = "ocr=1.0"
+    """Comma-separated name=weight of `lit_ovis.scoring` scorers."""
+    scorer_kwargs: str = "{}"
+    """JSON {"name": {...}} passed to the scorers, e.g. {"clip": {"model_path": "/models/clip"}}."""
+    normalise: str = "zscore"
+    """Per-scorer normalisation over the whole pool: zscore, minmax, rank or none."""
+    min_margin: float = 0.1
+    """Keep a pair when the combined (normalised, weighted) scores differ by at least this much."""
     store_prompt_embeds: bool = False
+    """Store the prompts' text embeddings with the pairs (else captions only)."""
     storage_dtype: str = "float16"
+    """torch dtype name of the latents / embeddings on disk."""
     device: str = "auto"
+    """Device: "auto" (a GPU when present), "cpu", "cuda:0", ..."""
 
 
 # Settings that change what a finished shard holds: a resumed run must match them.
 SHARD_FIELDS = ("resolution", "min_aspect", "max_aspect", "backbone_preset", "checkpoint", "text_encoder", "vae",
                 "max_sequence_length", "steps", "guidance_scale", "seed", "scorer_kwargs", "store_prompt_embeds", "storage_dtype")
-
-
-def normalise_scores(x: torch.Tensor, method: str) -> torch.Tensor:
-    """Per-scorer normalisation over the whole pool (`lit_ovis.scoring.normalise`: none, zscore, minmax, rank)."""
-    return normalise(x, method)
-
-
-def combine_scores(raw: dict[str, torch.Tensor], weights: dict[str, float], method: str) -> torch.Tensor:
-    """Weighted sum of per-scorer normalised scores -> [N] (the ensemble's `combine` over the pool)."""
-    return combine(raw, weights, method)
 
 
 def select_pairs(score_ref: torch.Tensor, score_gen: torch.Tensor, min_margin: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,21 +136,12 @@ def load_models(cfg: PairsConfig, device: torch.device):
 def build_ensemble(cfg: PairsConfig, scorers: dict[str, ScoreFn] | None = None) -> ScorerEnsemble:
     """The scorer ensemble of `--scorers` (name=weight) with `--scorer-kwargs`; `scorers` given by a caller
     (tests, notebooks) stand in for the registry and must cover every name."""
-    from lit_ovis.scoring import json_option
-
-    weights = parse_weights(cfg.scorers)
-    if cfg.normalise not in ("none", "zscore", "minmax", "rank"):
-        raise ConfigError(f"--normalise must be none, zscore, minmax or rank, got '{cfg.normalise}'")
     if scorers is not None:
-        missing = set(weights) - set(scorers)
+        missing = set(parse_weights(cfg.scorers)) - set(scorers)
         if missing:
             raise ConfigError(f"--scorers names {sorted(missing)} but no such scorer was given")
-        return ScorerEnsemble({n: scorers[n] for n in weights}, weights, cfg.normalise)
-    try:
-        kwargs = json.loads(cfg.scorer_kwargs)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--scorer-kwargs is not valid JSON ({err.msg}); e.g. '{{\"clip\": {{\"model_path\": \"/models/clip\"}}}}'") from None
-    return ScorerEnsemble.from_weights(weights, kwargs, cfg.normalise, option=json_option("--scorer-kwargs"))
+        scorers = {n: scorers[n] for n in parse_weights(cfg.scorers)}
+    return ensemble_from_options(cfg.scorers, cfg.scorer_kwargs, cfg.normalise, scorers=scorers)
 
 
 def _load_item(rec, cfg: PairsConfig, buckets, engine_box: list):
@@ -166,7 +173,7 @@ def _key(index: int, rec_id: str) -> str:
 
 def _open_work(out: Path, cfg: PairsConfig, names: list[str]) -> tuple[Path, dict[str, dict]]:
     """The work folder of this output and the sidecars of its finished shards (refusing foreign settings)."""
-    work = out / WORK
+    work = work_dir(out, cfg.resolution)
     work.mkdir(parents=True, exist_ok=True)
     settings = {**{k: getattr(cfg, k) for k in SHARD_FIELDS}, "scorer_names": sorted(names)}
     cfg_path = work / "settings.json"
@@ -198,7 +205,7 @@ def _process_chunk(chunk: list[tuple[int, dict]], cfg: PairsConfig, ensemble: Sc
     prompts = [it["caption"] for it in items]
     meta = [{"target_text": it["target_text"], "language": it["language"]} for it in items]
     ref_images = torch.from_numpy(np.stack([it["pixels"] for it in items])).permute(0, 3, 1, 2).float() / 255.0
-    seeds = [cfg.seed * 1_000_003 + i for i, _ in chunk]  # per-record seed: independent of batching and resumes
+    seeds = [mix_seed(cfg.seed, index=i) for i, _ in chunk]  # per-record seed: independent of batching and resumes
     gen_images = generate_images(backbone, text_encoder, vae, prompts, sampling, seed=seeds, height=bh, width=bw).float().cpu()
     both = torch.cat([ref_images, gen_images])
     raw, _ = ensemble.components(both, prompts + prompts, meta + meta)
@@ -210,9 +217,7 @@ def _process_chunk(chunk: list[tuple[int, dict]], cfg: PairsConfig, ensemble: Sc
         row = {key: it[key] for key in ("id", "caption", "language", "target_text")}
         row.update(latents_ref=latents[k].clone(), latents_gen=latents[n + k].clone())
         if embeds is not None:
-            e = embeds[k]
-            nz = (e.abs().sum(-1) > 0).nonzero()
-            row["prompt_embeds"] = e[: int(nz.max()) + 1 if len(nz) else 0].to(storage).clone()  # valid prefix only
+            row["prompt_embeds"] = trim_embeddings(embeds[k]).to(storage).clone()
         rows.append(row)
     name = f"shard-{chunk[0][0]:09d}"
     buf = io.BytesIO()
@@ -284,7 +289,6 @@ def make_pairs(
 def _finish(out: Path, work: Path, shards: dict[str, dict], ensemble: ScorerEnsemble, cfg: PairsConfig, skipped: int, resumed: int) -> dict:
     """Choose winners from the pool-normalised scores, then stream the shards into per-bucket LitData datasets."""
     from data_modules.buckets import bucket_name
-    from litdata.streaming.writer import BinaryWriter
 
     order = sorted(shards)
     ref = {s: torch.tensor([v for n in order for v in shards[n]["ref"][s]]) for s in ensemble.weights}
@@ -294,10 +298,7 @@ def _finish(out: Path, work: Path, shards: dict[str, dict], ensemble: ScorerEnse
     score_ref, score_gen = combined[:total], combined[total:]
     keep, ref_wins = select_pairs(score_ref, score_gen, cfg.min_margin)
 
-    root, tmp_root = out / str(cfg.resolution), out / f".{cfg.resolution}.tmp"
-    shutil.rmtree(tmp_root, ignore_errors=True)
-    writers: dict[str, BinaryWriter] = {}
-    sizes: dict[str, int] = {}
+    writer = BucketedWriter(out, cfg.resolution)
     wins = {"reference": 0, "generated": 0}
     j = 0
     for name in order:
@@ -312,16 +313,9 @@ def _finish(out: Path, work: Path, shards: dict[str, dict], ensemble: ScorerEnse
                             margin=float((score_ref[j] - score_gen[j]).abs()), winner="reference" if rw else "generated")
                 if "prompt_embeds" in row:
                     pair["prompt_embeds"] = row["prompt_embeds"]
-                if bucket not in writers:
-                    writers[bucket] = BinaryWriter(str(tmp_root / bucket), chunk_bytes="64MB")
-                    sizes[bucket] = 0
-                writers[bucket][sizes[bucket]] = pair
-                sizes[bucket] += 1
+                writer.add(bucket, pair)
                 wins[pair["winner"]] += 1
             j += 1
-    for writer in writers.values():
-        writer.done()
-        writer.merge()
     report = {
         "prompts": total,
         "inputs": total,
@@ -332,51 +326,24 @@ def _finish(out: Path, work: Path, shards: dict[str, dict], ensemble: ScorerEnse
         "generated_wins": wins["generated"],
         "skipped": skipped,
         "resumed_prompts": resumed,
-        "buckets": dict(sorted(sizes.items())),
-        "resolution": cfg.resolution,
         "has_prompt_embeds": bool(cfg.store_prompt_embeds),
         "scorers": {s: {"weight": ensemble.weights[s], "reference_mean": float(ref[s].mean()), "generated_mean": float(gen[s].mean())}
                     for s in ensemble.weights},
         "config": asdict(cfg),
     }
-    # Same layout as `prepare` (data_modules.layout): this resolution's report travels inside its dataset
-    # swap, and the root report lists every resolution, so several pair resolutions can share one root.
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    atomic_write(tmp_root / REPORT, json.dumps(report, indent=2, ensure_ascii=False))
-    swap_in(tmp_root, root)
-    update_root_report(out)
-    return report
+    # Same layout as `prepare`: this resolution's report travels inside its dataset swap, and the root report
+    # lists every resolution, so several pair resolutions can share one root.
+    return writer.finish(report)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineArgumentParser(prog="lit-ovis make-pairs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image-dir", help="folder of reference images with sidecar .txt captions")
-    src.add_argument("--manifest", help="JSONL or CSV with path, caption[, language, target_text]")
-    src.add_argument("--synthetic", type=int, metavar="N", help="use N samples of the synthetic text engine as the pool")
-    p.add_argument("--output-dir", required=True)
-    for name, default in asdict(PairsConfig(output_dir="")).items():
-        if name == "output_dir":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=default)
-        else:
-            p.add_argument(flag, type=type(default) if default is not None else str, default=default)
+    add_source_options(p)
+    add_options(p, PairsConfig)
     args = p.parse_args(argv)
-    values = vars(args)
-    cfg = PairsConfig(**{k: values[k] for k in asdict(PairsConfig(output_dir="")) if k in values})
+    cfg = from_options(PairsConfig, args)
     try:
-        from data_modules.prepare import synthetic_records
-        from data_modules.records import records_from_folder, records_from_manifest
-
-        if args.synthetic is not None:
-            records = synthetic_records(args.synthetic)
-        elif args.image_dir:
-            records = records_from_folder(args.image_dir)
-        else:
-            records = records_from_manifest(args.manifest)
-        report = make_pairs(records, cfg)
+        report = make_pairs(records_from_options(args), cfg)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,73 @@
+"""The one writer of bucketed LitData datasets, shared by `prepare`, `make-pairs` and the synthetic preference
+pairs: items go to one LitData dataset per aspect-ratio bucket of one resolution, built in a hidden temp
+directory and swapped in with its report, then the root report is rebuilt (layout: data_modules/layout.py).
+
+    writer = BucketedWriter(root, resolution)
+    writer.add("256x256", {"id": ..., "latents": ...})      # streamed: one open chunk buffer per bucket
+    writer.finish({"inputs": ..., ...})                       # report += buckets; readers see old or new data
+
+Text embeddings are stored trimmed (`trim_embeddings`): the padding rows of an encoded prompt are exactly zero,
+so only the valid prefix goes to disk and collate zero-pads it back to the encoder length.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_modules.buckets import bucket_name
+from data_modules.layout import REPORT, bucket_writer, swap_in, temp_dir, update_root_report
+from lit_ovis.files import atomic_write_json
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+def trim_embeddings(embeds: torch.Tensor) -> torch.Tensor:
+    """[L, D] prompt embeddings -> their valid prefix [n, D] (up to the last row that is not all zero)."""
+    nonzero = (embeds.abs().sum(-1) > 0).nonzero()
+    return embeds[: int(nonzero.max()) + 1 if len(nonzero) else 0]
+
+
+def chunk_bytes_for(budget_mb: int, n_buckets: int) -> int:
+    """LitData chunk size when all bucket writers are open at once: their buffers share a RAM budget."""
+    mb = 1 << 20
+    return int(min(64 * mb, max(4 * mb, budget_mb * mb // max(n_buckets, 1))))
+
+
+class BucketedWriter:
+    """One resolution of a bucketed root, written item by item and published atomically by `finish`."""
+
+    def __init__(self, root: str | Path, resolution: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.root, self.resolution, self.chunk_bytes = Path(root), int(resolution), chunk_bytes
+        self.tmp = temp_dir(self.root, self.resolution)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # an interrupted earlier write
+        self.tmp.mkdir(parents=True)
+        self.writers: dict[str, Any] = {}
+        self.sizes: Counter = Counter()
+
+    def add(self, bucket: tuple[int, int] | str, item: dict[str, Any]) -> None:
+        name = bucket if isinstance(bucket, str) else bucket_name(bucket)
+        if name not in self.writers:
+            self.writers[name] = bucket_writer(self.tmp / name, self.chunk_bytes)  # a world of one: see layout
+        self.writers[name][self.sizes[name]] = item
+        self.sizes[name] += 1
+
+    @property
+    def buckets(self) -> dict[str, int]:
+        return dict(sorted(self.sizes.items()))
+
+    def finish(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Close every bucket, write `report` (with `resolution` and `buckets` added) inside the dataset, swap it
+        in at `<root>/<resolution>/` and rebuild `<root>/report.json`."""
+        for writer in self.writers.values():
+            writer.done()
+            writer.merge()
+        report = {"resolution": self.resolution, **report, "buckets": self.buckets}
+        atomic_write_json(self.tmp / REPORT, report)  # the report travels inside the swap with its data
+        swap_in(self.tmp, self.root / str(self.resolution))
+        update_root_report(self.root)
+        return report
