@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lit_ovis.losses.grpo import (
@@ -32,6 +33,37 @@ def test_group_advantages_constant_group_and_global_std():
     assert torch.equal(adv[:3], torch.zeros(3))  # equal rewards: no signal, no NaN
     glob = group_advantages(rewards, ids, eps=0.0, global_std=True)
     torch.testing.assert_close(glob[3:], (rewards[3:] - 2.0) / rewards.std(unbiased=False))
+
+
+@pytest.mark.parametrize("size,value", [(16, 0.42), (24, 0.7)])
+def test_identical_rewards_give_exactly_zero_advantages(size, value):
+    """Flow-GRPO's tracker gives exactly 0 here; a float32 mean left -6e-4 (16 x 0.42) and +1.2e-3 (24 x 0.7)."""
+    rewards = torch.full((size,), value)
+    ids = torch.zeros(size, dtype=torch.long)
+    zero = torch.zeros(size)
+    assert torch.equal(group_advantages(rewards, ids), zero)
+    assert torch.equal(group_advantages(rewards, ids, global_std=True), zero)
+    assert torch.equal(GroupStatTracker(buffer_size=64, min_count=size).update(["p"] * size, rewards), zero)  # history
+    assert torch.equal(GroupStatTracker(min_count=10 * size).update(["p"] * size, rewards), zero)  # batch fallback
+
+
+def test_a_constant_group_is_zero_next_to_a_varying_one():
+    varying = torch.linspace(0.1, 0.9, 8)
+    ids = torch.tensor([7] * 24 + [3] * 8)[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
+    rewards = torch.where(ids == 7, 0.7, 0.0)
+    rewards[ids == 3] = varying
+    eps = 1e-4
+    v = varying.double()
+    adv = group_advantages(rewards, ids, eps=eps)
+    assert torch.equal(adv[ids == 7], torch.zeros(24))
+    torch.testing.assert_close(adv[ids == 3], ((v - v.mean()) / (v.std(unbiased=False) + eps)).float())
+    glob = group_advantages(rewards, ids, eps=eps, global_std=True)  # the batch std is not 0, the group still is
+    assert torch.equal(glob[ids == 7], torch.zeros(24))
+    torch.testing.assert_close(glob[ids == 3], ((v - v.mean()) / (rewards.double().std(unbiased=False) + eps)).float())
+    keys = ["c" if int(i) == 7 else "v" for i in ids]
+    tracked = GroupStatTracker(buffer_size=32, min_count=8, eps=eps).update(keys, rewards)
+    assert torch.equal(tracked[ids == 7], torch.zeros(24))
+    torch.testing.assert_close(tracked[ids == 3], ((v - v.mean()) / (v.std(unbiased=False) + eps)).float())
 
 
 def test_stat_tracker_uses_history_after_min_count():

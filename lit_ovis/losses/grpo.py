@@ -1,8 +1,11 @@
 """Flow-GRPO objective pieces as pure functions (report Stage 3, Eqs. 4-6; Liu et al. 2025, arXiv 2505.05470).
 
 - `group_advantages`: A_i = (R_i - mean_g) / (std_g + eps) over each prompt's group (Eq. 4); population std
-  (ddof 0), optionally the batch-wide std instead of the group's (Flow-GRPO's `global_std`).
-- `GroupStatTracker`: per-prompt running statistics over past rollouts (Flow-GRPO's per-prompt stat tracking).
+  (ddof 0), optionally the batch-wide std instead of the group's (Flow-GRPO's `global_std`). Statistics in
+  float64 (as Flow-GRPO's NumPy tracker), and a group whose rewards are all equal gets exactly 0: in float32
+  the mean of 16 x 0.42 is not 0.42, and that leftover divided by (0 + eps) gave every member -6e-4.
+- `GroupStatTracker`: per-prompt running statistics over past rollouts (Flow-GRPO's per-prompt stat tracking),
+  with the same exact 0 when the statistics' rewards are all equal.
 - `ppo_clip_loss`: the clipped surrogate of Eq. 5 as a loss, -mean(min(r A, clip(r, 1-e, 1+e) A)).
 - `gaussian_step_kl`: KL between the policy's and the reference's Gaussian step distributions, which share
   the std: KL = ||mu_theta - mu_ref||^2 / (2 std^2) (Flow-GRPO Eq. 12), reduced like the log-probs.
@@ -26,19 +29,31 @@ def group_advantages(
     eps: float = 1e-4,
     global_std: bool = False,
 ) -> torch.Tensor:
-    """Group-normalised advantages [N] for rewards [N] and integer group ids [N] (any order)."""
-    r = rewards.float()
-    _, inv = torch.unique(group_ids, return_inverse=True)
-    g = int(inv.max()) + 1 if inv.numel() else 0
-    count = torch.zeros(g, device=r.device).index_add_(0, inv, torch.ones_like(r))
-    mean = torch.zeros(g, device=r.device).index_add_(0, inv, r) / count
+    """Group-normalised advantages [N] (float32) for rewards [N] and integer group ids [N] (any order).
+    Members of a group whose rewards are all equal get exactly 0 (no signal), whatever the std in use."""
+    r = rewards.detach().double()
+    groups, inv = torch.unique(group_ids, return_inverse=True)
+    g = groups.numel()
+    zeros = torch.zeros(g, dtype=r.dtype, device=r.device)
+    count = zeros.index_add(0, inv, torch.ones_like(r))
+    mean = zeros.index_add(0, inv, r) / count
+    lowest = zeros.scatter_reduce(0, inv, r, "amin", include_self=False)
+    highest = zeros.scatter_reduce(0, inv, r, "amax", include_self=False)
+    constant = (lowest == highest)[inv]
     centred = r - mean[inv]
     if global_std:
-        std = centred.new_full((r.numel(),), float(r.std(unbiased=False))) if r.numel() > 1 else torch.zeros_like(r)
+        std = r.std(unbiased=False).expand_as(r) if r.numel() > 1 else torch.zeros_like(r)
     else:
-        var = torch.zeros(g, device=r.device).index_add_(0, inv, centred**2) / count
-        std = var.sqrt()[inv]
-    return centred / (std + eps)
+        std = (zeros.index_add(0, inv, centred**2) / count).sqrt()[inv]
+    return torch.where(constant, torch.zeros_like(r), centred / (std + eps)).float()
+
+
+def normalised_advantage(value: float, reference: torch.Tensor, eps: float) -> float:
+    """(value - mean) / (std + eps) against a reference set of rewards that contains `value`; exactly 0
+    when the reference rewards are all equal."""
+    if bool(reference.max() == reference.min()):
+        return 0.0
+    return float((value - reference.mean()) / (reference.std(unbiased=False) + eps))
 
 
 class GroupStatTracker:
@@ -50,19 +65,15 @@ class GroupStatTracker:
         self.history: dict[str, deque] = defaultdict(lambda: deque(maxlen=self.buffer_size))
 
     def update(self, keys: list[str], rewards: torch.Tensor) -> torch.Tensor:
-        r = rewards.detach().float().cpu()
-        for k, v in zip(keys, r.tolist()):
+        r = rewards.detach().double().cpu()
+        values = r.tolist()
+        for k, v in zip(keys, values):
             self.history[k].append(v)
-        batch_mean, batch_std = r.mean(), r.std(unbiased=False)
-        out = torch.empty_like(r)
-        for i, (k, v) in enumerate(zip(keys, r)):
-            hist = torch.tensor(list(self.history[k]))
-            if len(hist) < self.min_count:
-                mean, std = batch_mean, batch_std
-            else:
-                mean, std = hist.mean(), hist.std(unbiased=False)
-            out[i] = (v - mean) / (std + self.eps)
-        return out.to(rewards.device)
+        out = []
+        for k, v in zip(keys, values):
+            hist = torch.tensor(list(self.history[k]), dtype=torch.float64)
+            out.append(normalised_advantage(v, r if len(hist) < self.min_count else hist, self.eps))
+        return torch.tensor(out, dtype=torch.float32, device=rewards.device)
 
     def clear(self) -> None:
         self.history.clear()
