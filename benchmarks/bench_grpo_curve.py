@@ -64,7 +64,8 @@ def main() -> None:
         encoders=EncoderConfig(max_sequence_length=8), optimizer=OptimizerConfig(lr=args.lr),
         sampling=SamplingConfig(steps=6, guidance_scale=1.0, height=32, width=32),
         grpo=GRPOConfig(rollout=RolloutConfig(group_size=8, steps=6, sampler=args.sampler, noise_level=0.7, batch_size=16),
-                        update=UpdateConfig(batch_size=16, clip_range=0.2, kl_beta=0.01),
+                        update=UpdateConfig(batch_size=16, clip_range=0.2, kl_beta=0.01,
+                                            kl_scale="exact"),  # the form the recorded curves were measured with
                         window=WindowConfig(mode=args.window, size=3, start=0, shift_every=args.shift_every),
                         log_images_every_n_steps=0),
     )

@@ -203,3 +203,12 @@ class TestGRPOStage(StageModuleTester):
     def make_module(self):
         return GRPOModule(encoders=EncoderConfig(max_sequence_length=8), sampling=SamplingConfig(steps=2, height=32, width=32),
                           grpo=GRPOConfig(rollout=RolloutConfig(group_size=2, steps=2, batch_size=4), update=UpdateConfig(kl_beta=0.01)))
+
+
+def test_kl_scale_defaults_to_the_published_recipe_and_refuses_unknown_values():
+    from lit_ovis.errors import ConfigError
+
+    assert UpdateConfig().kl_scale == "recipe"  # published kl_beta values (Flow-GRPO, FlowCPS) port unchanged
+    assert "kl_scale" not in yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["grpo"]["update"]  # the config keeps it
+    with pytest.raises(ConfigError, match="grpo.update.kl_scale must be one of"):
+        GRPOModule(grpo=GRPOConfig(update=UpdateConfig(kl_scale="paper")))

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from lit_ovis.losses.grpo import (
-    GroupStatTracker, fixed_window, gaussian_step_kl, group_advantages, noise_advantage_signal,
-    ppo_clip_loss, select_window, update_step_scores,
+    GroupStatTracker, fixed_window, gaussian_step_kl, group_advantages, kl_recipe_factor, noise_advantage_signal,
+    ppo_clip_loss, select_window, step_kl, update_step_scores,
 )
-from lit_ovis.sampling.sde import sde_step
+from lit_ovis.errors import ConfigError
+from lit_ovis.sampling.generate import SamplingConfig
+from lit_ovis.sampling.ode import sigma_schedule
+from lit_ovis.sampling.sde import cps_step, sde_step
 
 
 def test_group_advantages_zero_mean_unit_std_per_group():
@@ -113,6 +116,51 @@ def test_gaussian_step_kl_matches_closed_form_and_log_prob_difference():
     assert abs((lp - lq).mean().item() - kl[0].item()) < 0.05 * kl[0].item() + 0.05
     mean_kl = gaussian_step_kl(a.mean, b.mean, a.std)
     torch.testing.assert_close(mean_kl, kl / 24)
+
+
+def test_recipe_kl_equals_the_published_formulas_by_hand():
+    """kl_scale="recipe" is the published code's KL: Flow-GRPO's SDE divides by 2 sigma_t^2 without the step's dt,
+    FlowCPS's CPS drops the Gaussian 1/(2 std^2). Hand values of sigma_t, dt and std, same stored transition."""
+    g = torch.Generator().manual_seed(0)
+    x, v, v_ref = (torch.randn(2, 6, 4, generator=g) for _ in range(3))
+    # SDE, t = 0.8 -> 0.7, a = 0.7: sigma_t = 0.7 sqrt(0.8 / 0.2) = 1.4, dt = 0.1, std = 1.4 sqrt(0.1)
+    p = sde_step(x, v, 0.8, 0.7, noise_level=0.7, generator=g)
+    q = sde_step(x, v_ref, 0.8, 0.7, noise_level=0.7, prev_sample=p.sample)
+    sq = ((p.mean - q.mean) ** 2).mean(dim=(1, 2))
+    recipe = step_kl(p.mean, q.mean, p.std, 0.1, "sde", "recipe")
+    exact = step_kl(p.mean, q.mean, p.std, 0.1, "sde", "exact")
+    torch.testing.assert_close(recipe, sq / (2 * 1.4**2))
+    torch.testing.assert_close(exact, sq / (2 * 1.4**2 * 0.1))
+    torch.testing.assert_close(exact, gaussian_step_kl(p.mean, q.mean, p.std))  # exact = the previous KL
+    # the first step (t = 1): Flow-GRPO puts 1 - t' in sigma_t's denominator, sigma_t = 0.7 sqrt(1 / 0.04) = 3.5
+    p = sde_step(x, v, 1.0, 0.96, noise_level=0.7, generator=g)
+    q = sde_step(x, v_ref, 1.0, 0.96, noise_level=0.7, prev_sample=p.sample)
+    sq = ((p.mean - q.mean) ** 2).mean(dim=(1, 2))
+    torch.testing.assert_close(step_kl(p.mean, q.mean, p.std, 0.04, "sde"), sq / (2 * 3.5**2))
+    # CPS, t = 0.8 -> 0.5, eta = 0.7: std = 0.5 sin(0.35 pi) = 0.44550
+    p = cps_step(x, v, 0.8, 0.5, noise_level=0.7, generator=g)
+    q = cps_step(x, v_ref, 0.8, 0.5, noise_level=0.7, prev_sample=p.sample)
+    sq = ((p.mean - q.mean) ** 2).mean(dim=(1, 2))
+    torch.testing.assert_close(step_kl(p.mean, q.mean, p.std, 0.3, "cps", "recipe"), sq)
+    torch.testing.assert_close(step_kl(p.mean, q.mean, p.std, 0.3, "cps", "exact"), sq / (2 * 0.44550326**2))
+    # a hand number: every dim's mean differs by 0.1
+    mu = torch.zeros(1, 4, 4)
+    torch.testing.assert_close(step_kl(mu + 0.1, mu, torch.tensor([1.4 * 0.1**0.5]), 0.1, "sde"), torch.tensor([0.01 / 3.92]))
+    with pytest.raises(ConfigError, match="kl_scale"):
+        step_kl(mu, mu, torch.ones(1), 0.1, "sde", "paper")
+
+
+def test_exact_over_recipe_factor_on_the_grpo_config_schedule():
+    """The conversion the kl_scale docstring states: 10 rollout steps at 1024^2 (configs/grpo.yaml), CPS eta 0.7."""
+    s = SamplingConfig()
+    sigmas = sigma_schedule(10, (1024 // 16) ** 2, s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
+    t, t_next = sigmas[:-1], sigmas[1:]
+    sde = 1 / kl_recipe_factor("sde", sde_step(torch.zeros(10, 4), torch.zeros(10, 4), t, t_next).std, t - t_next)
+    assert sde.min().item() == pytest.approx(3.85, abs=0.01) and sde.max().item() == pytest.approx(29.4, abs=0.1)
+    stochastic = t_next > 0  # the last CPS step (to t' = 0) is deterministic and never trained
+    std = cps_step(torch.zeros(10, 4), torch.zeros(10, 4), t, t_next, noise_level=0.7).std[stochastic]
+    cps = 1 / kl_recipe_factor("cps", std, (t - t_next)[stochastic])
+    assert cps.min().item() == pytest.approx(0.67, abs=0.01) and cps.max().item() == pytest.approx(9.33, abs=0.01)
 
 
 def test_noise_signal_finds_the_step_that_drives_the_reward():

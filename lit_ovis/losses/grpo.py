@@ -9,6 +9,8 @@
 - `ppo_clip_loss`: the clipped surrogate of Eq. 5 as a loss, -mean(min(r A, clip(r, 1-e, 1+e) A)).
 - `gaussian_step_kl`: KL between the policy's and the reference's Gaussian step distributions, which share
   the std: KL = ||mu_theta - mu_ref||^2 / (2 std^2) (Flow-GRPO Eq. 12), reduced like the log-probs.
+- `step_kl`: the KL penalty as a run uses it, exact or scaled per step like the published code
+  (`kl_recipe_factor`: x dt for Flow-GRPO's SDE, x 2 std^2 for FlowCPS), so published kl_beta values port.
 - Training window over denoising steps: `noise_advantage_signal` (how much of the reward each step's injected
   noise explains), `update_step_scores` (EMA), `select_window` (best contiguous window), `fixed_window`;
   `logp_change_signal` is the alternative score measured on trained steps (advantage-weighted |dlogp|).
@@ -120,6 +122,37 @@ def gaussian_step_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tens
     sq = sq.mean(dims) if reduce == "mean" else sq.sum(dims)
     std = std.float()
     return torch.where(std > 0, sq / (2.0 * torch.where(std > 0, std, torch.ones_like(std)) ** 2), torch.zeros_like(sq))
+
+
+KL_SCALES = ("recipe", "exact")
+
+
+def kl_recipe_factor(sampler: str, std: torch.Tensor, dt: torch.Tensor | float) -> torch.Tensor:
+    """recipe KL / exact KL of one denoising step from t to t' (dt = t - t' > 0), as the published code computes it.
+
+    - "sde" (Flow-GRPO's train_sd3.py): ||dmu||^2 / (2 sigma_t^2) with sigma_t = a sqrt(t / (1 - t)) the SDE's
+      diffusion coefficient, while the step's std is sigma_t sqrt(dt): recipe = exact x dt.
+    - "cps" (FlowCPS's train_sd3.py / train_flux.py): ||dmu||^2 with no Gaussian normalisation, its log-probs
+      having dropped the 1 / (2 std^2): recipe = exact x 2 std^2, std = t' sin(eta pi / 2).
+    """
+    std = std.float()
+    if sampler == "sde":
+        return torch.as_tensor(dt, dtype=torch.float32, device=std.device).expand_as(std)
+    if sampler == "cps":
+        return 2.0 * std**2
+    raise ConfigError(f"no published KL recipe for sampler {sampler!r}: use grpo.kl_scale=exact")
+
+
+def step_kl(
+    mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, dt: torch.Tensor | float,
+    sampler: str, scale: str = "recipe", reduce: str = "mean",
+) -> torch.Tensor:
+    """Per-sample KL penalty [B] of one denoising step: the exact Gaussian KL (`scale="exact"`) or the
+    published code's form (`scale="recipe"`, see `kl_recipe_factor`)."""
+    if scale not in KL_SCALES:
+        raise ConfigError(f"grpo.kl_scale must be one of {KL_SCALES}, got {scale!r}")
+    kl = gaussian_step_kl(mean, ref_mean, std, reduce)
+    return kl if scale == "exact" else kl * kl_recipe_factor(sampler, std, dt)
 
 
 # ----------------------------------------------------------------------------------- training window

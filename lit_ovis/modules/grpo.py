@@ -34,8 +34,8 @@ from typing import Any, Callable
 import torch
 
 from lit_ovis.errors import ConfigError
-from lit_ovis.losses.grpo import (GroupStatTracker, gaussian_step_kl, logp_change_signal, noise_advantage_signal,
-                                  ppo_clip_loss)
+from lit_ovis.losses.grpo import (KL_SCALES, GroupStatTracker, logp_change_signal, noise_advantage_signal, ppo_clip_loss,
+                                  step_kl)
 from lit_ovis.losses.window import TrainingWindow, WindowConfig
 from lit_ovis.models.text_encoder import text_ids
 from lit_ovis.models.vae import latent_image_ids, latent_size, unpack_latents
@@ -125,6 +125,16 @@ class UpdateConfig:
     """PPO clip range of the probability ratio (tiny, as Flow-GRPO: per-dimension-mean ratios move little)."""
     kl_beta: float = 0.04
     """Weight of the KL penalty to the frozen reference (the DPO model); 0 skips the reference forward."""
+    kl_scale: str = "recipe"
+    """How each denoising step's KL to the reference is scaled, i.e. what a given kl_beta means.
+    "recipe" (default): as the published code computes it, so kl_beta values from Flow-GRPO / FlowCPS recipes
+    port unchanged: sampler "sde" uses Flow-GRPO's ||mu - mu_ref||^2 / (2 sigma_t^2), sigma_t = a sqrt(t/(1-t))
+    (the SDE's coefficient, without the step's sqrt(dt)); sampler "cps" uses FlowCPS's ||mu - mu_ref||^2 (no
+    Gaussian 1/(2 std^2)); both averaged over latent dims. "exact": the true KL between the two step Gaussians,
+    ||mu - mu_ref||^2 / (2 std^2) (the papers' formula; what this project used before). exact = recipe x 1/dt for
+    "sde" (dt = t - t') and recipe x 1/(2 std^2) for "cps" (std = t' sin(eta pi/2)); at 10 rollout steps at 1024^2
+    that is 3.9-29x (sde) and 0.67-9.3x (cps, eta 0.7) depending on the step, so no single kl_beta converts one form
+    into the other: keep "recipe" to reuse a published kl_beta, "exact" to reproduce a run made with it."""
     shuffle_steps: bool = True
     """Visit the window's denoising steps in a random order per mini-batch."""
 
@@ -201,6 +211,8 @@ class GRPOModule(OvisBaseModule):
             raise ConfigError(f"--model.grpo.rollout.noise_level is CPS's eta and must lie in (0, 1], got {ro.noise_level}")
         if ro.batch_size < 1 or upd.batch_size < 1:
             raise ConfigError("--model.grpo.rollout.batch_size and --model.grpo.update.batch_size must be >= 1")
+        if upd.kl_scale not in KL_SCALES:
+            raise ConfigError(f"--model.grpo.update.kl_scale must be one of {KL_SCALES}, got {upd.kl_scale!r}")
         if ro.group_size < 2 and not self.grpo.advantages.per_prompt_stats:
             raise ConfigError("--model.grpo.rollout.group_size must be >= 2 (or set grpo.advantages.per_prompt_stats) for group advantages")
         size = self.rollout_cfg
@@ -396,7 +408,8 @@ class GRPOModule(OvisBaseModule):
                         with torch.no_grad():
                             v_ref = self.reference_velocity(x, sigmas[k], ro["embeds"][idx], ro["txt"], ro["img"], neg)
                             ref_mean = self.step_log_prob(v_ref, x, x_next, sigmas[k], sigmas[k + 1]).mean
-                        kl = gaussian_step_kl(out.mean, ref_mean, out.std, self.grpo.rollout.log_prob_reduce).mean()
+                        kl = step_kl(out.mean, ref_mean, out.std, sigmas[k] - sigmas[k + 1], self.grpo.rollout.sampler,
+                                     upd.kl_scale, self.grpo.rollout.log_prob_reduce).mean()
                         loss = loss + upd.kl_beta * kl
                         st["kl"] = kl.detach()
                     st["loss"] = loss.detach()
