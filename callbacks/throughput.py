@@ -1,7 +1,9 @@
-"""Throughput on the progress bar and in the logs: samples/s, image tokens/s, TFLOP/s per device and MFU.
+"""Throughput in the logs (and so on the progress display): samples/s, image tokens/s, TFLOP/s per device and MFU.
 
-Timed between batch boundaries over a window of steps, with no device synchronisation inside the step:
-the work of each batch is read from its shapes (host metadata) when it ends. FLOPs are added per batch at
+Timed between batch boundaries over a window of steps that ends on a logging step (or every `window` steps),
+with no device synchronisation: the work of each batch is read from its shapes (host metadata) when it ends,
+and the numbers are logged as plain metrics, not `prog_bar` ones (Lightning would convert those on the host
+after every later batch); `callbacks.progress` shows them. FLOPs are added per batch at
 that batch's own resolution (multi-resolution buckets differ from step to step) from the module's FLOP
 model: `train_flops_per_sample(latent_h, latent_w)` for `latents` batches, `train_flops_per_pair(latent_h,
 latent_w)` for preference (`latents_w`/`latents_l`) batches, where a pair is two images. MFU divides by
@@ -14,6 +16,7 @@ import time
 
 import lightning as L
 
+from callbacks.log_interval import is_logging_step
 from lit_ovis.parallel.flops import detect_peak_tflops
 
 
@@ -34,7 +37,9 @@ def batch_work(pl_module, batch) -> tuple[int, int, int, float | None] | None:
 
 
 class ThroughputLogger(L.Callback):
-    def __init__(self, window: int = 20, peak_tflops: float | None = None, clock=time.perf_counter):
+    def __init__(self, window: int | None = None, peak_tflops: float | None = None, clock=time.perf_counter):
+        """window: steps per measurement; None ends each one on the trainer's logging steps, so every value
+        reaches the loggers. peak_tflops: the device's dense BF16 peak for MFU (None: detected from the GPU)."""
         self.window = window
         self.peak_tflops = peak_tflops
         self.clock = clock
@@ -64,7 +69,7 @@ class ThroughputLogger(L.Callback):
         self._tokens += tokens
         self._flops = None if flops is None or self._flops is None else self._flops + flops
         self._steps += 1
-        if self._steps < self.window:
+        if (self._steps < self.window) if self.window else not is_logging_step(trainer):
             return
         now = self.clock()
         dt = now - self._t0
@@ -75,12 +80,10 @@ class ThroughputLogger(L.Callback):
             "perf/image_tokens_per_s": self._tokens * world / dt,
             "perf/step_time_s": dt / self._steps,
         }
-        bar = {"samples/s": metrics["perf/samples_per_s"]}
         if self._flops is not None:
             tflops = self._flops / dt / 1e12
-            metrics["perf/tflops_per_device"] = bar["TFLOP/s"] = tflops
+            metrics["perf/tflops_per_device"] = tflops
             if self._peak:
-                metrics["perf/mfu"] = bar["MFU"] = tflops / self._peak
+                metrics["perf/mfu"] = tflops / self._peak
         pl_module.log_dict(metrics, on_step=True, prog_bar=False, rank_zero_only=True)
-        pl_module.log_dict(bar, on_step=True, prog_bar=True, logger=False, rank_zero_only=True)
         self._reset(now)

@@ -73,10 +73,17 @@ class EMA(nn.Module):
         return shadows, current
 
     @torch.no_grad()
-    def update(self, model: nn.Module, decay: float | None = None) -> None:
+    def update(self, model: nn.Module, decay: float | None = None, gate: torch.Tensor | None = None) -> None:
+        """shadow += (1 - decay) (param - shadow); with `gate` (a 0-dim device tensor, 0 or 1) the step is
+        scaled by it on the device, so a skipped optimizer step leaves the EMA exactly as it was."""
         d = self.decay if decay is None else decay
         shadows, current = self._pairs(model)
-        torch._foreach_lerp_(shadows, [c.float() for c in current], 1.0 - d)
+        current = [c.float() for c in current]
+        if gate is None:
+            torch._foreach_lerp_(shadows, current, 1.0 - d)
+        else:
+            weight = gate.to(shadows[0].device, torch.float32) * (1.0 - d) if shadows else gate
+            torch._foreach_lerp_(shadows, current, [weight] * len(shadows))
 
     def shadow_state_dict(self) -> dict[str, torch.Tensor]:
         """EMA weights under the model's canonical parameter names."""

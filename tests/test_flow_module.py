@@ -87,7 +87,7 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation(tmp_path):
     module = tiny_flow_module(ema=EMAConfig(enabled=True, decay=0.5))
     calls = []
     update = module.ema.update
-    module.ema.update = lambda model, decay=None: (calls.append(1), update(model, decay))
+    module.ema.update = lambda model, decay=None, **kw: (calls.append(1), update(model, decay, **kw))
     trainer = tiny_trainer(2, accumulate_grad_batches=2, default_root_dir=tmp_path)
     trainer.fit(module, loader(LatentSet(n=8), batch_size=2))
     assert trainer.global_step == 2 and len(calls) == 2

@@ -89,23 +89,51 @@ def _same(a, b) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("check_every", [1, None])
 @pytest.mark.parametrize("poison", ["loss", "grads"])
-def test_a_skipped_step_changes_no_weight_moment_lr_or_ema(tmp_path, poison):
+def test_a_skipped_step_changes_no_weight_moment_lr_or_ema(tmp_path, poison, check_every):
+    """Weights, moments and EMA are gated on the device, so they are exact at once; the LR schedule is rewound
+    when the host reads the guard's counters: every step with check_every 1, else at the next check (here the
+    end of training, the logging interval being 50)."""
     L.seed_everything(0)
     module = tiny_flow_module(ema=EMAConfig(enabled=True, decay=0.5))  # warm-up 5: the LR moves every step
-    callbacks = [NanGuard(max_consecutive=3), snap := Snapshot()]
+    callbacks = [NanGuard(max_consecutive=3, check_every_n_steps=check_every), snap := Snapshot()]
     if poison == "loss":
         poison_loss(module, {3})
     else:
         callbacks.insert(0, PoisonedGrads({3}))
-    _trainer(tmp_path, 6, callbacks).fit(module, loader(LatentSet(n=4), batch_size=2))
+    trainer = _trainer(tmp_path, 6, callbacks)
+    trainer.fit(module, loader(LatentSet(n=4), batch_size=2))
     assert callbacks[-2].skipped_total == 1
     before, after, later = snap.at[3], snap.at[4], snap.at[5]
     for key in ("weights", "moments", "ema"):
         assert _same(before[key], after[key]), f"the skipped step changed the {key}"
         assert not _same(after[key], later[key]), f"a good step must change the {key}"  # the probe sees changes
-    assert after["sched"] == before["sched"] and after["lr"] == before["lr"]  # schedule did not advance
-    assert later["sched"] == after["sched"] + 1 and later["lr"] > after["lr"]
+    if check_every == 1:
+        assert after["sched"] == before["sched"] and after["lr"] == before["lr"]  # schedule did not advance
+        assert later["sched"] == after["sched"] + 1 and later["lr"] > after["lr"]
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == snap.at[0]["sched"] + 5  # 6 optimizer steps, 1 skipped: the schedule took 5
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(sched.base_lrs[0] * min(1.0, (5 + 1) / 5))
+
+
+class SeenSkips(L.Callback):
+    def __init__(self, guard):
+        self.guard, self.seen = guard, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(self.guard.skipped_total)
+
+
+def test_skips_are_decided_on_the_device_and_read_at_the_check_interval(tmp_path):
+    """No host read between checks: a skip at step 1 becomes visible on the host at the check after step 4."""
+    L.seed_everything(0)
+    module = tiny_flow_module()
+    guard = NanGuard(max_consecutive=3, check_every_n_steps=4)
+    probe = SeenSkips(guard)
+    _trainer(tmp_path, 6, [PoisonedBatches({1}), guard, probe]).fit(module, loader(LatentSet(n=4), batch_size=2))
+    assert probe.seen == [0, 0, 0, 0, 1, 1] and guard.skipped_total == 1
+    assert all(torch.isfinite(p).all() for p in module.backbone.parameters())
 
 
 def test_too_many_nan_steps_in_a_row_stop_with_a_clear_message(tmp_path):

@@ -1,5 +1,6 @@
 """ThroughputLogger's numbers with a fake clock: per-batch FLOPs at each bucket's resolution, DPO pairs,
-TFLOP/s and MFU on the progress bar, and the BF16 peak detected from the GPU's name."""
+TFLOP/s and MFU in the logs (not as prog_bar metrics, which Lightning reads on the host every step), windows
+that end on logging steps, and the BF16 peak detected from the GPU's name."""
 
 from __future__ import annotations
 
@@ -58,8 +59,7 @@ def test_flops_are_counted_at_each_batch_resolution():
     assert module.logged["perf/samples_per_s"] == pytest.approx(4 * 2 / 4)  # two ranks
     assert module.logged["perf/image_tokens_per_s"] == pytest.approx((2 * 4 + 2 * 16) * 2 / 4)
     assert module.logged["perf/step_time_s"] == pytest.approx(2.0)
-    assert set(module.bar) == {"samples/s", "TFLOP/s", "MFU"}
-    assert module.bar["MFU"] == module.logged["perf/mfu"]
+    assert module.bar == {}  # the progress display reads perf/* at logging steps (callbacks.progress.DISPLAY)
 
 
 def test_dpo_pairs_count_two_images_and_the_modules_pair_flops():
@@ -68,7 +68,7 @@ def test_dpo_pairs_count_two_images_and_the_modules_pair_flops():
     assert module.logged["perf/images_per_s"] == pytest.approx(6 / 2)
     assert module.logged["perf/image_tokens_per_s"] == pytest.approx(6 * 4 / 2)
     assert module.logged["perf/tflops_per_device"] == pytest.approx(3 * 3 * 16 / 2)
-    assert "MFU" not in module.bar  # CPU: no peak known, none given
+    assert "perf/mfu" not in module.logged  # CPU: no peak known, none given
 
 
 def test_no_flops_when_the_module_has_no_flop_model():
@@ -82,7 +82,25 @@ def test_no_flops_when_the_module_has_no_flop_model():
     batch = {"latents_w": torch.zeros(1, 16, 4, 4)}
     cb.on_train_batch_start(trainer, module, batch, 0)
     cb.on_train_batch_end(trainer, module, None, batch, 0)
-    assert "perf/tflops_per_device" not in module.logged and set(module.bar) == {"samples/s"}
+    assert "perf/tflops_per_device" not in module.logged and "perf/samples_per_s" in module.logged
+
+
+def test_default_window_ends_on_the_logging_steps():
+    cb = ThroughputLogger(clock=FakeClock([0.0, 5.0, 7.0]))
+    module = FakeModule()
+    trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device("cpu")), log_every_n_steps=5,
+                              global_step=0)
+    cb.setup(trainer, module, "fit")
+    batch = {"latents": torch.zeros(2, 16, 4, 4)}
+    for step in range(1, 8):
+        cb.on_train_batch_start(trainer, module, batch, step - 1)
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, module, None, batch, step - 1)
+        if step < 5:
+            assert module.logged == {}  # nothing logged (nor read) between logging steps
+        if step == 5:
+            assert module.logged["perf/samples_per_s"] == pytest.approx(5 * 2 / 5.0)
+            assert module.logged["perf/step_time_s"] == pytest.approx(1.0)
 
 
 def test_peak_detected_from_the_gpu_name(monkeypatch):
@@ -93,7 +111,7 @@ def test_peak_detected_from_the_gpu_name(monkeypatch):
     assert peak_bf16_tflops("Some Unknown GPU") is None
     monkeypatch.setattr(throughput, "detect_peak_tflops", lambda device: 989.0)
     module = run([{"latents": torch.zeros(1, 16, 4, 4)}], [0.0, 1.0], world=1)
-    assert module.bar["MFU"] == pytest.approx(16 / 989.0)
+    assert module.logged["perf/mfu"] == pytest.approx(16 / 989.0)
 
 
 def test_dpo_flops_model():

@@ -81,15 +81,17 @@ class OvisCLI(LightningCLI):
         check_config(sub, subcommand=self.subcommand)
 
     def _instantiate_trainer(self, config, callbacks):
-        # Step-budgeted runs: show `step 120/300` rather than Lightning's `Epoch 9/-2` (max_epochs - 1 of -1).
+        # Step-budgeted runs: show `step 120/300` rather than Lightning's `Epoch 9/-2` (max_epochs - 1 of -1), as a
+        # rich bar on a terminal and as plain lines when stdout is a file (redirected logs, SLURM), where a live
+        # bar prints nothing until the run ends.
         from lightning.pytorch.callbacks import ProgressBar
 
-        from callbacks.progress import StepProgressBar
+        from callbacks.progress import progress_for_stdout
 
         configured = config.get("callbacks") or []
         given = (configured if isinstance(configured, list) else [configured]) + list(callbacks)
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
-            callbacks = [*callbacks, StepProgressBar()]
+            callbacks = [*callbacks, progress_for_stdout()]
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs):

@@ -29,9 +29,9 @@ MAX_SEQUENCE_LENGTH = 256
 
 
 def text_ids(seq_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Position ids [L, 3] = (0, i, i) of the text tokens, as the pipeline builds them."""
-    pos = torch.arange(seq_len)
-    return torch.stack([torch.zeros_like(pos), pos, pos], dim=-1).to(device=device, dtype=dtype)
+    """Position ids [L, 3] = (0, i, i) of the text tokens, as the pipeline builds them (on `device` directly)."""
+    pos = torch.arange(seq_len, device=device)
+    return torch.stack([torch.zeros_like(pos), pos, pos], dim=-1).to(dtype)
 
 
 class OvisTextEncoder(nn.Module):

@@ -34,11 +34,12 @@ def unpack_latents(packed: torch.Tensor, latent_h: int, latent_w: int) -> torch.
 
 
 def latent_image_ids(latent_h: int, latent_w: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Position ids [(h/2)*(w/2), 3] = (0, row, col) of each packed token, as the pipeline builds them."""
-    rows = torch.arange(latent_h // 2).repeat_interleave(latent_w // 2)
-    cols = torch.arange(latent_w // 2).repeat(latent_h // 2)
-    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
-    return ids.to(device=device, dtype=dtype)
+    """Position ids [(h/2)*(w/2), 3] = (0, row, col) of each packed token, as the pipeline builds them. Built on
+    `device` directly: a host->device copy of them would wait for the GPU every training step."""
+    h, w = latent_h // 2, latent_w // 2
+    rows = torch.arange(h, device=device)[:, None].expand(h, w).reshape(-1)
+    cols = torch.arange(w, device=device)[None, :].expand(h, w).reshape(-1)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(dtype)
 
 
 def latent_size(height: int, width: int) -> tuple[int, int]:

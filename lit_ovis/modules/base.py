@@ -219,20 +219,24 @@ class OvisBaseModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._ema_seen_step = self.global_step
+        self._ema_gate: torch.Tensor | None = None
+        if self.text_encoder is not None:
+            _ = self.empty_embed  # encode the empty prompt now, not inside the first training step
 
-    def skip_ema_update(self) -> None:
-        """The optimizer step of this batch was skipped (e.g. by NanGuard): the weights did not move, so the
-        EMA must not count it."""
-        self._ema_seen_step = self.global_step
+    def gate_ema_update(self, applied: torch.Tensor) -> None:
+        """A device flag for this batch's EMA update: 1 when an optimizer step of the batch changed the weights,
+        0 when every one was skipped (NanGuard); the EMA then stays put, decided on the device (no host read)."""
+        self._ema_gate = applied
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # EMA follows optimizer steps, not micro-batches: under gradient accumulation (or a manual-optimization
-        # stage with several micro-batches) global_step only moves when the weights moved.
+        # stage with several micro-batches) global_step only moves when the optimizer stepped.
+        gate, self._ema_gate = getattr(self, "_ema_gate", None), None
         if self.ema is None or self.global_step == getattr(self, "_ema_seen_step", None):
             return
         self._ema_seen_step = self.global_step
         if self.global_step % self.ema_cfg.every_n_steps == 0:
-            self.ema.update(self.backbone)
+            self.ema.update(self.backbone, gate=gate)
 
     def train_flops_per_sample(self, latent_h: int, latent_w: int) -> int:
         """Model FLOPs of one training sample (forward + backward) for the throughput/MFU logger."""

@@ -59,7 +59,9 @@ class FlowMatchingModule(OvisBaseModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         loss, per_sample, t = self.flow_loss(batch, generator=self.step_generator(batch_idx))
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=per_sample.shape[0])
+        # not prog_bar: Lightning would read prog_bar values on the host every step; the progress display
+        # (callbacks.progress) reads this one at the logging interval
+        self.log("train/loss", loss, on_step=True, batch_size=per_sample.shape[0])
         self._log_timestep_buckets("train", per_sample.detach(), t)
         return loss
 

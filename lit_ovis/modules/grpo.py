@@ -371,7 +371,7 @@ class GRPOModule(OvisBaseModule):
                     "window/start": float(start), "window/end": float(end)})
         log.update(stats)
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=n)
-        self.log("train/reward", reward.mean(), on_step=True, prog_bar=True, batch_size=n)
+        self.log("train/reward", reward.mean(), on_step=True, batch_size=n)  # shown by callbacks.progress
         if self.step_scores is not None and cfg.window.mode == "adaptive":
             self.log_dict({f"window/score_{k}": float(v) for k, v in enumerate(self.step_scores)}, on_step=True, batch_size=n)
         self._log_images(ro["images"], reward)

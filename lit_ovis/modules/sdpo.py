@@ -146,8 +146,10 @@ class SDPOModule(OvisBaseModule):
         # Per-(seed, rank, step, micro-batch) noise: ranks differ, and a resumed run redraws the same noise.
         loss, stats = self.pair_loss(batch, generator=self.step_generator(batch_idx))
         b = batch["latents_w"].shape[0]
-        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=b)
-        self.log("train/implicit_acc", stats.pop("implicit_acc"), on_step=True, prog_bar=True, batch_size=b)
+        # not prog_bar: Lightning would read prog_bar values on the host every step; the progress display
+        # (callbacks.progress) reads these at the logging interval
+        self.log("train/loss", loss, on_step=True, batch_size=b)
+        self.log("train/implicit_acc", stats.pop("implicit_acc"), on_step=True, batch_size=b)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, on_step=True, batch_size=b)
         return loss
 
