@@ -37,7 +37,11 @@ def build_models(preset: str, weights: str | None, dtype, device):
     from lit_ovis.models.text_encoder import OvisTextEncoder, build_text_encoder
     from lit_ovis.models.vae import build_vae
 
-    transformer = build_backbone(preset, pretrained=weights, dtype=dtype).to(device).eval()
+    if weights:
+        transformer = build_backbone(preset, pretrained=weights, dtype=dtype).to(device).eval()
+    else:  # random weights initialised on the device (7B on a CPU takes minutes)
+        with torch.device(device):
+            transformer = build_backbone(preset, dtype=dtype).eval()
     parts = MODEL_PRESETS[preset]
     if weights:
         encoder, vae = build_text_encoder(weights, dtype=dtype), build_vae(weights, dtype=dtype)
@@ -53,6 +57,45 @@ def build_models(preset: str, weights: str | None, dtype, device):
             qwen = Qwen3Model(Qwen3Config(**TEXT_ENCODER_PRESETS[parts["text_encoder"]])).to(dtype)
         encoder, vae = OvisTextEncoder(qwen, build_byte_tokenizer()), build_vae(parts["vae"], dtype=dtype)
     return transformer, encoder.to(device), vae.to(device)
+
+
+def sampling_runners(transformer, encoder, vae, cfg, prompt: list[str], device: str, attention_backend: str | None = None):
+    """(ours, theirs): one CFG sample of `prompt` with our sampler and with OvisImagePipeline on the same
+    modules, weights, noise seed and settings (`cfg`, a SamplingConfig)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from lit_ovis.cli.export import build_pipeline
+    from lit_ovis.sampling.generate import SamplingConfig, generate_images
+
+    pipe = build_pipeline(transformer, encoder, vae, SamplingConfig())
+    pipe.set_progress_bar_config(disable=True)
+    default_backend = _AttentionBackendRegistry._active_backend
+
+    def ours():
+        if attention_backend:  # our side only: the pipeline keeps the default dispatch
+            transformer.set_attention_backend(attention_backend)
+        try:
+            generate_images(transformer, encoder, vae, prompt, cfg, seed=0)
+        finally:
+            if attention_backend:
+                transformer.reset_attention_backend()
+                _AttentionBackendRegistry._active_backend = default_backend
+
+    def theirs():
+        pipe(prompt, negative_prompt="", guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+             num_inference_steps=cfg.steps, generator=torch.Generator(device).manual_seed(0), output_type="pt")
+
+    return ours, theirs
+
+
+def time_side_by_side(ours, theirs, repeats: int) -> tuple[list[float], list[float]]:
+    """Warm-up (and compilation) of both, then `repeats` interleaved timed runs of each."""
+    ours(), theirs()
+    t_ours, t_theirs = [], []
+    for _ in range(repeats):
+        t_ours.append(timed(ours))
+        t_theirs.append(timed(theirs))
+    return t_ours, t_theirs
 
 
 def main() -> None:
@@ -72,43 +115,19 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    from lit_ovis.cli.export import build_pipeline
-    from lit_ovis.sampling.generate import SamplingConfig, generate_images
+    from lit_ovis.sampling.generate import SamplingConfig
 
     transformer, encoder, vae = build_models(args.preset, args.weights, dtype, device)
-    pipe = build_pipeline(transformer, encoder, vae, SamplingConfig())
-    pipe.set_progress_bar_config(disable=True)
     cfg = SamplingConfig(steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width)
     prompt = ['A poster with the text "LIT OVIS" in bold letters']
-    default_backend = _AttentionBackendRegistry._active_backend
-
-    def ours():
-        if args.attention_backend:  # our side only: the pipeline keeps the default dispatch
-            transformer.set_attention_backend(args.attention_backend)
-        try:
-            generate_images(transformer, encoder, vae, prompt, cfg, seed=0)
-        finally:
-            if args.attention_backend:
-                transformer.reset_attention_backend()
-                _AttentionBackendRegistry._active_backend = default_backend
-
-    def theirs():
-        pipe(prompt, negative_prompt="", guidance_scale=args.guidance, height=args.height, width=args.width,
-             num_inference_steps=args.steps, generator=torch.Generator(device).manual_seed(0), output_type="pt")
-
+    ours, theirs = sampling_runners(transformer, encoder, vae, cfg, prompt, device, args.attention_backend)
     if args.compile:
         from lit_ovis.parallel.fsdp import apply_compile
 
         # the pipeline calls the same module, so both sides run the compiled blocks (a second 7B copy would
         # not fit beside the first); the ratio then compares the samplers (our batched CFG forward)
         apply_compile(transformer)
-    ours(), theirs()  # warm-up (and compilation)
-    t_ours, t_theirs = [], []
-    for _ in range(args.repeats):
-        t_ours.append(timed(ours))
-        t_theirs.append(timed(theirs))
+    t_ours, t_theirs = time_side_by_side(ours, theirs, args.repeats)
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     source = args.weights or "random weights"

@@ -66,14 +66,17 @@ def levers(base: Setting, cuda: bool) -> list[tuple[str, Setting | None, str]]:
     return [(name, s if not reason else None, reason) for name, s, reason in out]
 
 
-def build(width: str, double: int, single: int) -> tuple[OvisImageTransformer2DModel, dict]:
+def build(width: str, double: int, single: int, device: str | None = None) -> tuple[OvisImageTransformer2DModel, dict]:
+    """The MMDiT at full (3072 = 24 x 128) or tiny width; `device` initialises it there (a GPU fills 1.5B
+    random weights in a second; the CPU takes tens of seconds)."""
     if width == "full":
         cfg = dict(num_layers=double, num_single_layers=single, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=2048, axes_dims_rope=(16, 56, 56))
     else:
         cfg = dict(num_layers=double, num_single_layers=single, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
     cfg.update(in_channels=64, out_channels=64)
     torch.manual_seed(0)
-    return OvisImageTransformer2DModel(**cfg), cfg
+    with torch.device(device or "cpu"):
+        return OvisImageTransformer2DModel(**cfg), cfg
 
 
 def one_rank_group(device: str) -> None:

@@ -90,8 +90,9 @@ class Estimate:
 
 def estimate(preset: str, world_size: int, replicate: int, height: int, width: int, batch: int, text_tokens: int = 256,
              compute_dtype: str = "bf16", checkpointing: str = "none", every_n: int = 2, offload_activations: bool = False,
-             text_encoder: str = "sharded", reference: bool = False, ema: bool = False) -> Estimate:
-    cfg = lookup(TRANSFORMER_PRESETS, preset, "backbone")
+             text_encoder: str = "sharded", reference: bool = False, ema: bool = False, config: dict | None = None) -> Estimate:
+    """`config`: a transformer config to estimate instead of the preset's (e.g. a reduced-depth benchmark model)."""
+    cfg = config or lookup(TRANSFORMER_PRESETS, preset, "backbone")
     p = transformer_params(cfg)
     shard = max(world_size // max(replicate, 1), 1)
     e = BYTES[compute_dtype]
