@@ -8,7 +8,8 @@ them within one time budget (`--budget-s`; what no longer fits is recorded as sk
 2. training MFU of full-width blocks (2 double + 4 single, 3072 wide = 24 heads x 128) at 256/512/1024 with
    the batch per GPU of the stage configs (32/8/4), bf16 through FSDP2's MixedPrecisionPolicy on a 1-rank mesh
    (what training runs), fused AdamW: eager with each diffusers attention backend that is installed
-   (native, _native_flash, _native_cudnn, _native_efficient, flash, _flash_3), then regional compile
+   (native, _native_flash, _native_cudnn, _native_efficient, flash, _flash_3), and with regional compile
+   (1024 first, static; 256 and 512 then on the shape-dynamic graphs, as multi-resolution training runs them)
    (`benchmarks/bench_train_step.py` builds and steps the model; FLOPs from `lit_ovis/parallel/flops.py`);
 3. peak memory of those training steps vs `lit-ovis estimate-memory`'s model for the same model and batch
    (weights, gradients, moments, gathered block, activations; `lit_ovis/cli/estimate_memory.py`);
@@ -314,7 +315,9 @@ def training(check: Check, args, cuda: bool, peak: float | None) -> None:
 
         if check.run("training", f"build the {mode} model", setup, build_s + need[resolutions[0]] + compile_s, compile=compile_) is None:
             return
-        for res in resolutions:
+        # compiled: the largest size first, statically (the MFU target); the others then run on the shape-dynamic
+        # graphs that regional compilation switches to when the shape changes, as multi-resolution training does
+        for res in sorted(resolutions, reverse=True) if compile_ else resolutions:
             for name in runnable:
                 def measure(name=name, res=res):
                     with attention_backend(held["model"], name):
@@ -323,6 +326,10 @@ def training(check: Check, args, cuda: bool, peak: float | None) -> None:
                 check.run("training", f"{res}² {name} {mode}", measure, need[res] + compile_s, resolution=res, attention=name,
                           compile=compile_)
         held.clear()
+        if compile_:
+            import torch._dynamo
+
+            torch._dynamo.reset()  # compiled graphs hold references to the model's parameters
         free_device_memory()
 
     measure_all(False, ["native"] if "native" in backends else [])  # the reference point first
@@ -355,12 +362,15 @@ def sampling(check: Check, args, cuda: bool) -> None:
     transformer, encoder, vae = models.pop("m")
     prompt = ['A poster with the text "LIT OVIS" in bold letters']
     ours, theirs = sampling_runners(transformer, encoder, vae, cfg, prompt, device)
+    # warm-up (and compilation) at the same shapes with 2 steps: the 50-step runs are then all steady state
+    warmup = sampling_runners(transformer, encoder, vae, SamplingConfig(steps=2, guidance_scale=5.0, height=size, width=size),
+                              prompt, device)
 
     def measure():
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        t_ours, t_theirs = time_side_by_side(ours, theirs, 1)
+        t_ours, t_theirs = time_side_by_side(ours, theirs, 1, warmup)
         mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
         out = {"ours_s": sig(mo), "pipeline_s": sig(mt), "ours_over_pipeline": sig(mo / mt, 3), "total_s": sig(time.perf_counter() - t0)}
         if cuda:
@@ -368,7 +378,7 @@ def sampling(check: Check, args, cuda: bool) -> None:
             out["report_h100_s"] = REPORT_H100_SECONDS
         return out
 
-    check.run("sampling", "eager", measure, 15 if args.smoke else 80, **info)
+    check.run("sampling", "eager", measure, 15 if args.smoke else 45, **info)
     if not cuda:
         check.skip("sampling", "compiled", "compile is measured on the GPU (inductor on a small CPU compiles for minutes)", **info)
     else:
@@ -378,8 +388,8 @@ def sampling(check: Check, args, cuda: bool) -> None:
             apply_compile(transformer)  # both sides call the same module, so both run the compiled blocks
             return measure()
 
-        check.run("sampling", "compiled", compiled, 150, **info)
-    del transformer, encoder, vae, ours, theirs
+        check.run("sampling", "compiled", compiled, 110, **info)
+    del transformer, encoder, vae, ours, theirs, warmup
     free_device_memory()
 
 
@@ -411,6 +421,10 @@ def render_markdown(data: dict) -> str:
         lines.append("")
     train = [r for r in ok if r["part"] == "training" and "resolution" in r]
     lines += ["## Training: 2 double + 4 single blocks, FSDP2 bf16 params (1-rank mesh), fused AdamW", "",
+              "Compiled: the largest size is compiled first (static shapes), the others run on the shape-dynamic graphs; "
+              "'first step s' is the warm-up step (compilation included). MFU = model FLOPs (lit_ovis/parallel/flops.py) "
+              "/ step time / BF16 peak; 'estimate GiB' is estimate-memory's weights + gradients + moments + gathered block + "
+              "activations for the same model and batch.", "",
               "| resolution | batch | attention | compile | step s | first step s | samples/s | TFLOP/s | MFU | peak GiB | estimate GiB | peak / estimate |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(train, key=lambda r: (r["resolution"], r["compile"], r["attention"])):

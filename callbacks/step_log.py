@@ -2,8 +2,8 @@
 Audits that a resumed run neither repeated nor skipped data, and makes loss curves easy to diff.
 
 Losses stay on the device until the file is written, all at once (one host read), on logging steps
-(`callbacks.log_interval`), before every checkpoint and at the end: a run killed between two checkpoints
-loses only records of steps that its resume will redo anyway."""
+(`callbacks.log_interval`; or every `flush_every_n_steps`), before every checkpoint and at the end: a run
+killed between two checkpoints loses only records of steps that its resume will redo anyway."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from callbacks.log_interval import is_logging_step
 
 
 class StepLog(L.Callback):
-    def __init__(self, path: str | None = None, every_n_steps: int = 1):
+    def __init__(self, path: str | None = None, every_n_steps: int = 1, flush_every_n_steps: int | None = None):
+        """every_n_steps: record every Nth optimizer step. flush_every_n_steps: write the records every N steps
+        (one host read each time); None writes them on the trainer's logging steps."""
         self.path = path
         self.every_n_steps = every_n_steps
+        self.flush_every_n_steps = flush_every_n_steps
         self._pending: list[tuple[int, torch.Tensor | None, list[str] | None]] = []
 
     def _file(self, trainer) -> Path:
@@ -34,7 +37,8 @@ class StepLog(L.Callback):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             ids = [str(i) for i in batch["ids"]] if isinstance(batch, dict) and "ids" in batch else None
             self._pending.append((step, loss.detach() if loss is not None else None, ids))
-        if is_logging_step(trainer):
+        every = self.flush_every_n_steps
+        if is_logging_step(trainer) if every is None else step % every == 0:
             self.flush(trainer)
 
     @rank_zero_only

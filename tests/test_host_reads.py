@@ -25,3 +25,30 @@ def test_demo_training_reads_the_device_only_on_logging_steps(tmp_path, capsys):
     assert {"NanGuard", "ThroughputLogger", "LearningRateMonitor", "StepProgressLog"} <= {type(c).__name__ for c in trainer.callbacks}
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in lines] == ["step 10/25", "step 20/25"]  # stdout is not a terminal here
+
+
+def test_step_log_writes_every_step_but_reads_losses_only_on_logging_steps(tmp_path):
+    import json
+
+    import lightning as L
+
+    from callbacks.step_log import StepLog
+    from helpers import LatentSet, loader, tiny_flow_module
+
+    path = tmp_path / "steps.jsonl"
+
+    class Lines(L.Callback):
+        seen: list[int] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(len(path.read_text().splitlines()) if path.exists() else 0)
+
+    L.seed_everything(0)
+    trainer = L.Trainer(max_steps=7, log_every_n_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[StepLog(str(path)), probe := Lines()])
+    trainer.fit(tiny_flow_module(), loader(LatentSet(n=4), batch_size=2))
+    assert probe.seen == [0, 0, 0, 3, 3, 3, 6]  # written in one go on logging steps (global_step 3 and 6)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 8)) and all(r["loss"] > 0 for r in records)  # the rest at the end
+    assert len(records[0]["ids"]) == 2

@@ -31,6 +31,7 @@ trainer:
       init_args: {{dirpath: {run}/checkpoints, every_n_train_steps: 20, save_last: true, save_top_k: 1, monitor: step, mode: max}}
     - class_path: callbacks.rng_state.RNGState
     - class_path: callbacks.step_log.StepLog
+      init_args: {{flush_every_n_steps: 1}}  # written every step: the test watches the file to time its signal
 model:
   class_path: lit_ovis.modules.flow_matching.FlowMatchingModule
   init_args:
