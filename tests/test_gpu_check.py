@@ -26,7 +26,7 @@ def load_gpu_check():
 
 def test_smoke_mode_runs_every_part_and_records_a_failure(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # tiny ops: one thread is faster
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out-dir", str(out),
                            "--backends", "native", "no_such_backend"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

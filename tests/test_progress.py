@@ -20,7 +20,7 @@ LINE = re.compile(r"^step (\d+)/20 \| loss [0-9.e+-]+ \|.* \| [0-9.e+-]+ samples
 def test_redirected_stdout_gets_a_progress_line_per_logging_interval(tmp_path):
     config = demo_config_in(tmp_path, synthetic_samples=16, synthetic_resolution=32, batch_size=4)
     log = tmp_path / "log.txt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # tiny ops: one thread is faster
     with open(log, "w") as out:
         proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "fit", "--config", str(config), "--ckpt_path", "null",
                                "--trainer.max_steps", "20", "--trainer.log_every_n_steps", "5"],
