@@ -118,7 +118,8 @@ CALLBACK_RANGES: dict[str, dict[str, Range]] = {
     "SampleGridLogger": {"every_n_steps": AT_LEAST_1, "steps": AT_LEAST_1, "guidance_scale": NON_NEGATIVE},
     "EvalCallback": {"every_n_steps": AT_LEAST_1, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "limit": AT_LEAST_1,
                      "guidance_scale": NON_NEGATIVE},
-    "NanGuard": {"max_consecutive": AT_LEAST_1},
+    "NanGuard": {"max_consecutive": AT_LEAST_1, "check_every_n_steps": AT_LEAST_1},
+    "StepLog": {"every_n_steps": AT_LEAST_1, "flush_every_n_steps": AT_LEAST_1},
     "RequeueOnSignal": {"check_every_n_steps": AT_LEAST_1},
     "ThroughputLogger": {"window": AT_LEAST_1, "peak_tflops": POSITIVE},
 }
@@ -132,6 +133,7 @@ def _choices() -> dict[str, tuple]:
     from lit_ovis.flow import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, TIMESTEP_SHIFTS
     from lit_ovis.losses.dpo import SAFEGUARD_RULES
     from lit_ovis.dtypes import DTYPES
+    from lit_ovis.losses.grpo import KL_SCALES
     from lit_ovis.losses.window import MODES, SIGNALS
 
     flow = {"timestep_sampling": TIMESTEP_SAMPLINGS, "timestep_shift": TIMESTEP_SHIFTS, "loss_weighting": LOSS_WEIGHTINGS}
@@ -145,6 +147,7 @@ def _choices() -> dict[str, tuple]:
         "model.init_args.grpo.window.mode": MODES,
         "model.init_args.grpo.window.signal": SIGNALS,
         "model.init_args.grpo.rollout.log_prob_reduce": ("mean", "sum"),
+        "model.init_args.grpo.update.kl_scale": KL_SCALES,
     })
     return choices
 
