@@ -140,7 +140,7 @@ def kl_recipe_factor(sampler: str, std: torch.Tensor, dt: torch.Tensor | float) 
         return torch.as_tensor(dt, dtype=torch.float32, device=std.device).expand_as(std)
     if sampler == "cps":
         return 2.0 * std**2
-    raise ConfigError(f"no published KL recipe for sampler {sampler!r}: use grpo.kl_scale=exact")
+    raise ConfigError(f"no published KL recipe for sampler {sampler!r}: use --model.grpo.update.kl_scale exact")
 
 
 def step_kl(
@@ -150,7 +150,7 @@ def step_kl(
     """Per-sample KL penalty [B] of one denoising step: the exact Gaussian KL (`scale="exact"`) or the
     published code's form (`scale="recipe"`, see `kl_recipe_factor`)."""
     if scale not in KL_SCALES:
-        raise ConfigError(f"grpo.kl_scale must be one of {KL_SCALES}, got {scale!r}")
+        raise ConfigError(f"--model.grpo.update.kl_scale must be one of {KL_SCALES}, got {scale!r}")
     kl = gaussian_step_kl(mean, ref_mean, std, reduce)
     return kl if scale == "exact" else kl * kl_recipe_factor(sampler, std, dt)
 
