@@ -24,10 +24,13 @@ Output (written by the same bucketed writer as `lit-ovis prepare`, `data_modules
 score_w, score_l, margin, winner} (winner: "reference" or "generated"), `<out>/<resolution>/report.json` and the
 root `<out>/report.json` listing every resolution (`data_modules.layout`).
 
+The generating model is `--checkpoint`: a training checkpoint or an exported folder brings its own architecture,
+text encoder, VAE and sampling shift (`lit_ovis.load_module`), so no preset needs naming; `--text-encoder` / `--vae`
+replace its encoders, and `--backbone-preset` shapes a bare `.safetensors` file or a random init.
+
 Example:
   lit-ovis make-pairs --manifest pool.jsonl --output-dir data/pairs --resolution 1024 \
-      --backbone-preset ovis-image-7b --checkpoint runs/sft/checkpoints/last.ckpt \
-      --text-encoder AIDC-AI/Ovis-Image-7B --vae AIDC-AI/Ovis-Image-7B \
+      --checkpoint runs/sft/checkpoints/last.ckpt \
       --scorers ocr=1.0,clip=0.5 --scorer-kwargs '{"clip": {"model_path": "/models/clip-vit-large-patch14"}}' \
       --min-margin 0.1
 """
@@ -39,7 +42,7 @@ import io
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -71,13 +74,14 @@ class PairsConfig:
     max_aspect: float = 4.0
     """Widest bucket (width / height)."""
     backbone_preset: str = "ovis-image-7b"
-    """Backbone preset of the model that generates the second candidate."""
+    """Backbone preset for a random init or a .safetensors --checkpoint (a training checkpoint or folder has its own)."""
     checkpoint: str | None = None
-    """SFT weights: a lit-ovis .ckpt or sharded directory, .safetensors or diffusers folder (unset: random init)."""
-    text_encoder: str = "AIDC-AI/Ovis-Image-7B"
-    """Text encoder preset, folder or hub id."""
-    vae: str = "AIDC-AI/Ovis-Image-7B"
-    """VAE preset, folder or hub id."""
+    """SFT weights: a lit-ovis .ckpt or sharded directory, an exported pipeline folder, a transformer folder or
+    .safetensors file (unset: random init)."""
+    text_encoder: str | None = None
+    """Text encoder preset, folder or hub id; unset: the --checkpoint's own (AIDC-AI/Ovis-Image-7B when it has none)."""
+    vae: str | None = None
+    """VAE preset, folder or hub id; unset: the --checkpoint's own (AIDC-AI/Ovis-Image-7B when it has none)."""
     max_sequence_length: int = 256
     """Text-encoder length."""
     steps: int = 50
@@ -121,16 +125,37 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DEFAULT_ENCODERS = "AIDC-AI/Ovis-Image-7B"
+
+
+def brings_its_own_model(checkpoint: str | None) -> bool:
+    """A training checkpoint or a pipeline folder: architecture, encoders and sampling shift included."""
+    from lit_ovis.checkpoints import is_training_checkpoint
+    from lit_ovis.loading import PIPELINE_INDEX
+
+    return bool(checkpoint) and (is_training_checkpoint(checkpoint) or (Path(checkpoint) / PIPELINE_INDEX).is_file())
+
+
 def load_models(cfg: PairsConfig, device: torch.device):
+    """((backbone, text_encoder, vae), the sampling settings the model came with)."""
     from lit_ovis.models.backbone import build_backbone
     from lit_ovis.models.text_encoder import build_text_encoder
     from lit_ovis.models.vae import build_vae
+    from lit_ovis.sampling.generate import SamplingConfig
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backbone = build_backbone(cfg.backbone_preset, cfg.checkpoint).to(device, dtype).eval()
-    text_encoder = build_text_encoder(cfg.text_encoder, cfg.max_sequence_length, dtype=dtype).to(device)
-    vae = build_vae(cfg.vae, dtype=dtype).to(device)
-    return backbone, text_encoder, vae
+    if brings_its_own_model(cfg.checkpoint):
+        from lit_ovis.loading import load_module
+
+        module = load_module(cfg.checkpoint, max_sequence_length=cfg.max_sequence_length)
+        backbone, text_encoder, vae, sampling = module.backbone, module.text_encoder, module.vae, module.sampling_cfg
+    else:
+        backbone, text_encoder, vae, sampling = build_backbone(cfg.backbone_preset, cfg.checkpoint), None, None, SamplingConfig()
+    if cfg.text_encoder or text_encoder is None:
+        text_encoder = build_text_encoder(cfg.text_encoder or DEFAULT_ENCODERS, cfg.max_sequence_length, dtype=dtype)
+    if cfg.vae or vae is None:
+        vae = build_vae(cfg.vae or DEFAULT_ENCODERS, dtype=dtype)
+    return (backbone.to(device, dtype).eval(), text_encoder.to(device, dtype), vae.to(device, dtype)), sampling
 
 
 def build_ensemble(cfg: PairsConfig, scorers: dict[str, ScoreFn] | None = None) -> ScorerEnsemble:
@@ -248,17 +273,18 @@ def make_pairs(
     work, shards = _open_work(out, cfg, names)
     done = {k for side in shards.values() for k in side["keys"]}
     resumed = len(done)
-    sampling = SamplingConfig(steps=cfg.steps, guidance_scale=cfg.guidance_scale)
+    sampling = SamplingConfig(steps=cfg.steps, guidance_scale=cfg.guidance_scale)  # shift: the loaded model's (below)
     buckets = make_buckets(cfg.resolution, cfg.min_aspect, cfg.max_aspect)
     engine_box: list = []
     queues: dict[tuple[int, int], list[tuple[int, dict]]] = {}
     skipped = new = 0
 
     def flush(bucket) -> None:
-        nonlocal models, new
+        nonlocal models, new, sampling
         chunk = queues.pop(bucket)
         if models is None:  # loaded only when there is work left
-            models = load_models(cfg, _device(cfg.device))
+            models, base = load_models(cfg, _device(cfg.device))
+            sampling = replace(base, steps=cfg.steps, guidance_scale=cfg.guidance_scale)
         _process_chunk(chunk, cfg, ensemble, models, sampling, work)
         new += len(chunk)
         if progress:

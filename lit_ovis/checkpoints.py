@@ -3,8 +3,9 @@
 It owns the on-disk knowledge every reader needs: which paths are training checkpoints and whether they are
 complete, the key prefixes (`backbone.`, `ema.`, DCP's `state_dict.`), reading only the backbone (and EMA) of
 a sharded directory, and turning a checkpoint into backbone weights in diffusers key layout plus the module's
-hyper-parameters. Export, eval, consolidate, resume, the CLI's `--ckpt_path` check and `backbone.pretrained`
-only call it, so none of them needs stage-specific code or the DCP layout. (Writing is
+hyper-parameters and the backbone architecture it was trained with. Export, eval, consolidate, resume, the
+CLI's `--ckpt_path` check and `backbone.pretrained` only call it, so none of them needs stage-specific code or
+the DCP layout. (Writing is
 `lit_ovis.checkpoint_io` and `lit_ovis.parallel.strategy`.)
 """
 
@@ -29,6 +30,9 @@ EMA_PREFIX = "ema."
 SHARDED_METADATA = ".metadata"
 SHARDED_META_FILE = "meta.pt"
 DCP_STATE_PREFIX = "state_dict."
+# The backbone's diffusers config (OvisImageTransformer2DModel's init arguments), saved by every stage module:
+# readers build that architecture, whatever preset the run's config named (`lit_ovis.models.backbone`).
+ARCHITECTURE_KEY = "backbone_architecture"
 
 # `--weights` of export / eval: which backbone weights a training checkpoint gives (`backbone_state_dict`'s use_ema).
 WEIGHTS = {"auto": None, "ema": True, "raw": False}
@@ -136,7 +140,26 @@ def load_training_checkpoint(path: str | os.PathLike, ema: bool = True) -> dict[
     return _load_file(p)
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint without its tensors: hyper-parameters, the backbone architecture, loop state. Cheap:
+    a sharded directory's `meta.pt` alone, or a memory-mapped `.ckpt` whose tensors are never read."""
+    p = Path(path)
+    if p.is_dir():
+        if not is_sharded_checkpoint(p):
+            raise CheckpointError(f"{p}: not a complete sharded checkpoint (no {SHARDED_METADATA}); use an earlier checkpoint")
+        meta = p / SHARDED_META_FILE
+        return torch.load(meta, map_location="cpu", weights_only=False) if meta.exists() else {}
+    checkpoint = load_training_checkpoint(p)
+    return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+
+
 # ------------------------------------------------------------------------------------------ what it holds
+def stored_architecture(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The backbone architecture the checkpoint's run trained (None in checkpoints written before it was saved)."""
+    arch = checkpoint.get(ARCHITECTURE_KEY)
+    return dict(arch) if isinstance(arch, dict) else None
+
+
 def hyper_parameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return dict(checkpoint.get("hyper_parameters") or {})
 
@@ -185,8 +208,3 @@ def backbone_state_dict(checkpoint: dict[str, Any], use_ema: bool | None = False
         weights.update({k: v.to(weights[k].dtype) for k, v in ema.items() if k in weights})
     return weights
 
-
-def sampled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Backbone weights of a training checkpoint, the ones its run sampled with: what the next stage starts
-    from (SFT from pretraining, DPO from SFT, ...)."""
-    return backbone_state_dict(load_training_checkpoint(path), use_ema=None)

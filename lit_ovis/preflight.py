@@ -17,19 +17,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from typing import Any, Mapping, NamedTuple
 
 from lit_ovis.errors import ConfigError
-from lit_ovis.files import is_remote
+from lit_ovis.files import could_be_hub_id, is_remote
 from lit_ovis.models.presets import TEXT_ENCODER_PRESETS, TRANSFORMER_PRESETS, VAE_PRESETS
 
 # Paths a data module builds itself when asked for a synthetic set; the others must always exist.
 BUILT_PATHS = ("root", "data_dir", "path")
 USER_PATHS = ("prompt_file", "val_root")
-# A hub id (`org/name`) is fetched, not opened: it cannot be checked offline, a missing local path can.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 
 class Range(NamedTuple):
@@ -243,7 +239,7 @@ def check_weights_source(value: Any, option: str, presets: Mapping) -> None:
     after the trainer started (or after the data was built)."""
     if not isinstance(value, str) or value.strip().lower() in ("", "none", "null") or value in presets or not _local_path_missing(value):
         return
-    if HUB_ID.match(value) and not value.endswith(WEIGHT_SUFFIXES):
+    if could_be_hub_id(value):
         return  # `org/name`: resolved by the hub cache at load time
     raise ConfigError(f"{option}: '{value}' does not exist (not a local file or folder, nor a hub id such as AIDC-AI/Ovis-Image-7B); fix the path or train that stage first")
 

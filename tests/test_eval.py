@@ -14,7 +14,7 @@ import torch
 from helpers import LatentSet, loader, tiny_flow_module, tiny_trainer, torch_threads
 from lit_ovis.cli.eval import evaluate, main as eval_main
 from lit_ovis.scoring.metrics import aggregate
-from lit_ovis.generator import load_generator
+from lit_ovis.loading import load_module
 from lit_ovis.scoring import build_scorer
 from lit_ovis.scoring.metrics import word_scores
 from lit_ovis.scoring.prompt_sets import read_prompt_set
@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory):
 
 def test_generator_from_checkpoint_matches_module(checkpoint):
     module, path = checkpoint
-    gen = load_generator(str(path))
+    gen = load_module(path)
     torch.testing.assert_close(gen.sample(["hi"], seed=3), module.sample(["hi"], seed=3))
 
 
@@ -84,7 +84,7 @@ def test_eval_writes_reports_and_resumes(checkpoint, tmp_path):
     for i in (1, 2):
         next((out / "images").glob(f"{i:06d}-*.png")).unlink()
     (out / "records" / "000000.json").unlink()
-    gen = CountingGenerator(load_generator(str(path)))
+    gen = CountingGenerator(load_module(path))
     from lit_ovis.cli.eval import model_identity
 
     again = evaluate(gen, read_prompt_set(prompts), str(out), {"brightness": build_scorer("brightness")}, batch_size=2,
@@ -95,7 +95,7 @@ def test_eval_writes_reports_and_resumes(checkpoint, tmp_path):
 
 def test_eval_fingerprint_regenerates_only_changed_samples(checkpoint, tmp_path):
     _, path = checkpoint
-    inner = load_generator(str(path))
+    inner = load_module(path)
     out = str(tmp_path / "eval")
     items = read_prompt_set(_write_prompts(tmp_path / "p.jsonl", PROMPTS))
     gen = CountingGenerator(inner)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lit_ovis.checkpoints import backbone_state_dict, config_section, load_training_checkpoint
+from lit_ovis.checkpoints import backbone_state_dict, load_training_checkpoint
 from lit_ovis.errors import CheckpointError, OneLineArgumentParser
 from lit_ovis.files import atomic_path
-from lit_ovis.modules.config import BackboneConfig
 
 
 def consolidate(checkpoint: str, output: str, use_ema: bool | None = None, diffusers_dir: str | None = None) -> Path:
@@ -24,9 +23,9 @@ def consolidate(checkpoint: str, output: str, use_ema: bool | None = None, diffu
     with atomic_path(out) as tmp:
         save_file(weights, str(tmp))
     if diffusers_dir:
-        from lit_ovis.models.backbone import build_backbone
+        from lit_ovis.models.backbone import build_backbone, checkpoint_architecture
 
-        model = build_backbone(config_section(ckpt, "backbone", BackboneConfig).preset, pretrained=str(out))
+        model = build_backbone(pretrained=str(out), architecture=checkpoint_architecture(ckpt))
         model.save_pretrained(diffusers_dir, safe_serialization=True)
     return out
 

@@ -199,7 +199,8 @@ def build_ensemble(spec: str, clip_model: str | None, scorer_kwargs: str) -> Sco
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineArgumentParser(prog="lit-ovis eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a .ckpt file, a sharded checkpoint directory or an exported diffusers folder")
+    p.add_argument("model", help="a .ckpt file, a sharded checkpoint directory, an exported diffusers folder or a hub id "
+                                 "(lit_ovis.load_module)")
     p.add_argument("prompts", help="JSONL (prompt, language, target_text), a CVTG-2K file or root folder, "
                                    "LongText-Bench JSONL, GenEval metadata, or .txt")
     p.add_argument("--output-dir", required=True)
@@ -217,21 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-sequence-length", type=int, default=None)
-    p.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],  # keys of lit_ovis.checkpoints.WEIGHTS
+    p.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],  # lit_ovis.checkpoints.WEIGHTS
                    help="training checkpoints: auto = the EMA weights when the run sampled with them, else raw")
     p.add_argument("--tensorboard", default=None, help="log aggregates to this TensorBoard directory")
     args = p.parse_args(argv)
     try:
-        from lit_ovis.generator import load_generator
+        from lit_ovis.loading import load_module
 
         items = read_prompt_set(args.prompts, args.limit)
         ensemble = build_ensemble(args.scorers, args.clip_model, args.scorer_kwargs)
-        if not Path(args.model).exists():
-            raise CheckpointError(f"{args.model}: not found; pass a .ckpt, a sharded checkpoint directory or an exported diffusers folder")
-        from lit_ovis.checkpoints import WEIGHTS
-
+        generator = load_module(args.model, weights=args.weights, max_sequence_length=args.max_sequence_length)
         model_id = model_identity(args.model, weights=args.weights, max_sequence_length=args.max_sequence_length)
-        generator = load_generator(args.model, args.max_sequence_length, WEIGHTS[args.weights])
         if torch.cuda.is_available():
             generator.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         report = evaluate(generator, items, args.output_dir, ensemble, args.seed, args.batch_size, args.steps, args.guidance_scale,

@@ -11,26 +11,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from diffusers import FlowMatchEulerDiscreteScheduler, OvisImagePipeline
+from diffusers import OvisImagePipeline
 
-from lit_ovis.checkpoints import WEIGHTS, backbone_state_dict, config_section, load_training_checkpoint
+from lit_ovis.checkpoints import WEIGHTS, config_section, load_training_checkpoint
 from lit_ovis.dtypes import DTYPES
 from lit_ovis.errors import CheckpointError, OneLineArgumentParser
-from lit_ovis.models.backbone import build_backbone
+from lit_ovis.models.backbone import backbone_from_checkpoint
 from lit_ovis.models.text_encoder import build_text_encoder
 from lit_ovis.models.vae import build_vae
-from lit_ovis.modules.config import BackboneConfig, EncoderConfig
+from lit_ovis.modules.config import EncoderConfig
 from lit_ovis.sampling.generate import SamplingConfig
-
-
-def scheduler_for(sampling: SamplingConfig) -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        base_shift=sampling.base_shift,
-        max_shift=sampling.max_shift,
-        base_image_seq_len=sampling.base_seq_len,
-        max_image_seq_len=sampling.max_seq_len,
-    )
+from lit_ovis.sampling.scheduler import scheduler_for
 
 
 def build_pipeline(transformer, text_encoder, vae, sampling: SamplingConfig) -> OvisImagePipeline:
@@ -43,17 +34,9 @@ def build_pipeline(transformer, text_encoder, vae, sampling: SamplingConfig) -> 
 def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool | None = None, dtype: str = "fp32") -> Path:
     """`use_ema=None`: the weights the run sampled its grids with (EMA when it had and used one)."""
     ckpt = load_training_checkpoint(checkpoint_path, ema=use_ema is not False)
-    backbone_cfg = config_section(ckpt, "backbone", BackboneConfig)
     encoders = config_section(ckpt, "encoders", EncoderConfig)
     sampling = config_section(ckpt, "sampling", SamplingConfig)
-    transformer = build_backbone(backbone_cfg.preset)
-    weights = backbone_state_dict(ckpt, use_ema=use_ema)
-    missing, unexpected = transformer.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{checkpoint_path}: backbone weights do not match preset '{backbone_cfg.preset}' "
-            f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
-        )
+    transformer = backbone_from_checkpoint(ckpt, use_ema=use_ema, source=checkpoint_path)  # the architecture it trained
     torch_dtype = DTYPES[dtype]
     pipe = build_pipeline(
         transformer.to(torch_dtype),

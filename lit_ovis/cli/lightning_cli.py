@@ -1,13 +1,15 @@
 """LightningCLI for every stage: `python main.py fit --config configs/sft.yaml [--any.key value]`.
 
 The stage is chosen by the config's `model.class_path`. A rerun of the same command resumes from the
-newest complete checkpoint (`fit --ckpt_path` defaults to `last`; `--ckpt_path null` starts fresh).
+newest complete checkpoint (`fit --ckpt_path` defaults to `last`; `--ckpt_path null` starts fresh), and a
+restored checkpoint's backbone architecture is the one built.
 Config checks that can fail run before any model is built. Every config dataclass field's docstring is its
 `--help` text, and `--help` after a `--config` also lists the options of the model and data classes it selects.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -119,8 +121,26 @@ class OvisCLI(LightningCLI):
             rank_zero_info(f"resuming from {path}" if path else "no checkpoint to resume from: starting fresh")
             sub["ckpt_path"] = path
 
+    def _use_checkpoint_architecture(self) -> None:
+        """The checkpoint this run restores decides the backbone's shape (one line if the weights disagree)."""
+        sub = self.config_init.get(self.subcommand) if self.subcommand else None
+        path = sub.get("ckpt_path") if sub is not None else None
+        if (path and path not in ("last", "best", "hpc", "registry") and not is_remote(str(path)) and os.path.exists(path)
+                and hasattr(self.model, "use_architecture_of")):
+            self.model.use_architecture_of(str(path))
+
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
+        self._use_checkpoint_architecture()
+
+    def before_validate(self) -> None:
+        self._use_checkpoint_architecture()
+
+    def before_test(self) -> None:
+        self._use_checkpoint_architecture()
+
+    def before_predict(self) -> None:
+        self._use_checkpoint_architecture()
 
 
 CLI_KWARGS = dict(subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
 from lit_ovis.errors import CheckpointError
+from lit_ovis.files import check_weights_source, hub_load_failure
 from lit_ovis.models.presets import TEXT_ENCODER_PRESETS, TINY_SEED
 from lit_ovis.models.tokenizer import build_byte_tokenizer
 
@@ -109,14 +110,15 @@ def build_text_encoder(
             )
         return OvisTextEncoder(model.to(dtype), build_byte_tokenizer(), max_sequence_length)
     path = Path(source)
-    enc_sub = "text_encoder" if (path / "text_encoder").is_dir() or not path.exists() else None
-    tok_sub = "tokenizer" if (path / "tokenizer").is_dir() or not path.exists() else None
+    local = check_weights_source(source, "text encoder")
+    enc_sub = "text_encoder" if (path / "text_encoder").is_dir() or not local else None
+    tok_sub = "tokenizer" if (path / "tokenizer").is_dir() or not local else None
     try:
         model = Qwen3Model.from_pretrained(source, subfolder=enc_sub or "", torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder=tok_sub or "")
     except OSError as err:
         raise CheckpointError(
-            f"{source}: could not load the text encoder ({str(err).splitlines()[0]}); set "
+            f"{source}: could not load the text encoder ({hub_load_failure(source, err)}); set "
             "--model.encoders.text_encoder to 'tiny', a local pipeline folder or a cached hub id"
         ) from None
     return OvisTextEncoder(model, tokenizer, max_sequence_length)

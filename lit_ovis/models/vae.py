@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from lit_ovis.errors import CheckpointError
+from lit_ovis.files import check_weights_source, hub_load_failure
 from lit_ovis.models.presets import TINY_SEED, VAE_PRESETS
 
 VAE_SCALE = 8  # pixels per latent cell
@@ -87,12 +88,13 @@ def build_vae(source: str = "tiny", dtype: torch.dtype = torch.float32) -> FluxV
             vae = AutoencoderKL(**VAE_PRESETS[source])
         return FluxVAE(vae if dtype == torch.float32 else vae.to(dtype))
     path = Path(source)
-    subfolder = "vae" if (path / "vae").is_dir() or not path.exists() else None
+    local = check_weights_source(source, "VAE")
+    subfolder = "vae" if (path / "vae").is_dir() or not local else None
     try:
         vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
     except OSError as err:
         raise CheckpointError(
-            f"{source}: could not load the VAE ({str(err).splitlines()[0]}); set --model.encoders.vae to a preset "
+            f"{source}: could not load the VAE ({hub_load_failure(source, err)}); set --model.encoders.vae to a preset "
             f"({sorted(VAE_PRESETS)}), a local diffusers folder or a cached hub id"
         ) from None
     return FluxVAE(vae)

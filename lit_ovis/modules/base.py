@@ -3,7 +3,8 @@ encoder and VAE, the optimizer and schedule, EMA, sharding hooks and `sample()`.
 
 Frozen models live outside the module tree (see `_frozen`): they never enter the optimizer and are never
 saved in training checkpoints (they are rebuilt from their config source), so a checkpoint holds the
-backbone in diffusers key layout under `backbone.` and export is a rename, not a conversion.
+backbone in diffusers key layout under `backbone.` and export is a rename, not a conversion. Every checkpoint
+also holds the backbone's architecture (`lit_ovis.checkpoints.ARCHITECTURE_KEY`), which its readers build.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from lit_ovis.checkpoints import ARCHITECTURE_KEY, read_meta, stored_architecture
 from lit_ovis.ema import EMA
-from lit_ovis.models.backbone import backbone_skeleton, build_backbone
+from lit_ovis.errors import CheckpointError
+from lit_ovis.models.backbone import (
+    architecture_of, backbone_skeleton, build_backbone, checkpoint_architecture, describe_difference, resolve_architecture,
+)
 from lit_ovis.models.text_encoder import build_text_encoder, text_ids
 from lit_ovis.models.vae import build_vae, latent_image_ids
 from lit_ovis.dtypes import DTYPES
@@ -48,6 +53,9 @@ class OvisBaseModule(L.LightningModule):
         self.sampling_cfg = sampling
         self.parallel = parallel
         self.backbone: torch.nn.Module | None = None
+        # The shape `configure_model` must build when a checkpoint will be restored into it (`use_architecture_of`);
+        # None: the pretrained weights' or the preset's.
+        self.backbone_architecture: dict[str, Any] | None = None
         self.ema: EMA | None = None
         self._frozen: dict[str, torch.nn.Module] = {}
         self._empty_embed: torch.Tensor | None = None
@@ -76,7 +84,9 @@ class OvisBaseModule(L.LightningModule):
         # Sharded runs from pretrained weights build on the meta device and fill the shards from one rank's
         # copy (lit_ovis.parallel.init); everything else builds the full model here.
         lazy = mesh is not None and cfg.pretrained is not None and self.supports_sharded_init()
-        self.backbone = backbone_skeleton(cfg.preset, cfg.pretrained) if lazy else build_backbone(cfg.preset, cfg.pretrained)
+        arch = self.backbone_architecture
+        self.backbone = (backbone_skeleton(cfg.preset, cfg.pretrained, arch) if lazy
+                         else build_backbone(cfg.preset, cfg.pretrained, architecture=arch))
         self.build_frozen()
         self.place_frozen()
         # Every lever applies with or without a mesh (attention backend, checkpointing, offloading, compile);
@@ -88,6 +98,30 @@ class OvisBaseModule(L.LightningModule):
             self.match_policy_code_path()
         if self.ema_cfg.enabled:
             self.ema = EMA(self.backbone, self.ema_cfg.decay)
+
+    def use_architecture_of(self, checkpoint_path: str) -> None:
+        """Build the backbone in the architecture `checkpoint_path` was trained with, as a run that restores it
+        must (fit resume, validate, predict): with no pretrained weights that shape replaces the preset; pretrained
+        weights of another shape are one line now, not a size-mismatch traceback after the model is built.
+        Checkpoints written before the architecture was saved are left to the config."""
+        meta = read_meta(checkpoint_path)
+        if stored_architecture(meta) is None:
+            return
+        arch = checkpoint_architecture(meta)
+        cfg = self.backbone_cfg
+        if cfg.pretrained is not None:
+            own = resolve_architecture(cfg.preset, cfg.pretrained)
+            if own != arch:
+                raise CheckpointError(
+                    f"{checkpoint_path}: trained a backbone of another architecture than --model.backbone.pretrained "
+                    f"{cfg.pretrained} ({describe_difference(arch, own)}); set --model.backbone.pretrained to the weights that run "
+                    "started from, or restore a checkpoint of this model")
+        self.backbone_architecture = arch
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Readers (export, eval, make-pairs, the next stage) build this shape, whatever preset the config named.
+        if self.backbone is not None:
+            checkpoint[ARCHITECTURE_KEY] = architecture_of(self.backbone)
 
     def match_policy_code_path(self) -> None:
         """Give the frozen reference model (DPO, GRPO's KL) the policy's attention kernels and compiled blocks,

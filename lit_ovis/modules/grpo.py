@@ -225,6 +225,7 @@ class GRPOModule(OvisBaseModule):
         return self.window.scores
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         # the adaptive window's step scores and the exploration RNG continue across a resume
         checkpoint["grpo_state"] = {**self.window.state_dict(),
                                     "tracker": {k: list(v) for k, v in self.tracker.history.items()} if self.tracker else None}
