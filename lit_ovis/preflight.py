@@ -249,6 +249,7 @@ def check_model(args: Any) -> None:
     if preset is not None and preset not in TRANSFORMER_PRESETS and not _get(args, "backbone.pretrained"):
         raise ConfigError(f"--model.backbone.preset: unknown preset '{preset}'; choose one of {sorted(TRANSFORMER_PRESETS)}")
     check_weights_source(_get(args, "backbone.pretrained"), "--model.backbone.pretrained", {})
+    check_pretrained_scheduler(args)
     check_weights_source(_get(args, "sdpo.reference_pretrained"), "--model.sdpo.reference_pretrained", {})
     check_weights_source(_get(args, "encoders.text_encoder"), "--model.encoders.text_encoder", TEXT_ENCODER_PRESETS)
     check_weights_source(_get(args, "encoders.vae"), "--model.encoders.vae", VAE_PRESETS)
@@ -270,6 +271,32 @@ def check_model(args: Any) -> None:
         gh, gw = _get(grpo, "rollout.height", height), _get(grpo, "rollout.width", width)  # unset: model.sampling's
         if gh is not None and gw is not None:
             check_resolution(int(gh), int(gw), "--model.grpo.rollout.height/width")
+
+
+def check_pretrained_scheduler(args: Any) -> None:
+    """Training from a pipeline folder: its `scheduler/` must sample as `model.sampling` does (else the grids,
+    eval and the exported folder would use another shift than the folder's own pipeline), and be one our sampler
+    reproduces."""
+    pretrained = _get(args, "backbone.pretrained")
+    if not isinstance(pretrained, str) or not os.path.isdir(pretrained):
+        return
+    import dataclasses
+
+    from lit_ovis.sampling.generate import SamplingConfig
+    from lit_ovis.sampling.scheduler import read_scheduler_config, sampling_from_scheduler, scheduler_mismatch
+
+    config = read_scheduler_config(pretrained)
+    if config is None:
+        return
+    sampling_from_scheduler(config, f"--model.backbone.pretrained {pretrained}")
+    ours = SamplingConfig(**{f.name: _get(args, f"sampling.{f.name}") for f in dataclasses.fields(SamplingConfig)
+                             if _get(args, f"sampling.{f.name}") is not None})
+    differ = scheduler_mismatch(config, ours)
+    if differ:
+        field, mine, theirs = differ[0]
+        fix = " ".join(f"--model.sampling.{f} {t}" for f, _, t in differ)
+        raise ConfigError(f"--model.sampling.{field} is {mine} but the scheduler of --model.backbone.pretrained {pretrained} "
+                          f"says {theirs} ({len(differ)} shift setting(s) differ); set {fix}")
 
 
 def _check_side(value: Any, option: str) -> None:

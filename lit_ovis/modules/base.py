@@ -5,6 +5,8 @@ Frozen models live outside the module tree (see `_frozen`): they never enter the
 saved in training checkpoints (they are rebuilt from their config source), so a checkpoint holds the
 backbone in diffusers key layout under `backbone.` and export is a rename, not a conversion. Every checkpoint
 also holds the backbone's architecture (`lit_ovis.checkpoints.ARCHITECTURE_KEY`), which its readers build.
+
+Outside a Trainer, `lit_ovis.load_module(path)` returns a module that is ready to `sample()`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from lit_ovis.checkpoints import ARCHITECTURE_KEY, read_meta, stored_architecture
 from lit_ovis.ema import EMA
-from lit_ovis.errors import CheckpointError
+from lit_ovis.errors import CheckpointError, ConfigError
 from lit_ovis.models.backbone import (
     architecture_of, backbone_skeleton, build_backbone, checkpoint_architecture, describe_difference, resolve_architecture,
 )
@@ -291,6 +293,10 @@ class OvisBaseModule(L.LightningModule):
         width: int | None = None,
     ) -> torch.Tensor:
         """Prompts -> images [B, 3, H, W] in [0, 1] (EMA weights when enabled); same as OvisImagePipeline."""
+        if self.backbone is None:
+            raise ConfigError(f"{type(self).__name__} has no backbone yet: a Trainer builds it (configure_model); in a "
+                              "notebook or script load a ready module with lit_ovis.load_module(path), or call "
+                              "module.configure_model() first")
         cfg = SamplingConfig(**{**vars(self.sampling_cfg)})
         if steps is not None:
             cfg.steps = steps
