@@ -2,7 +2,9 @@
 
 The stage is chosen by the config's `model.class_path`. A rerun of the same command resumes from the
 newest complete checkpoint (`fit --ckpt_path` defaults to `last`; `--ckpt_path null` starts fresh), and a
-restored checkpoint's backbone architecture is the one built.
+restored checkpoint's backbone architecture is the one built. `--trainer.default_root_dir` holds all of a run's
+outputs: `logger: true` is TensorBoard in `<root>/tb` (sample grids in `<root>/tb/samples`), and a
+ModelCheckpoint without `dirpath` writes `<root>/checkpoints`.
 Config checks that can fail run before any model is built. Every config dataclass field's docstring is its
 `--help` text, and `--help` after a `--config` also lists the options of the model and data classes it selects.
 """
@@ -94,6 +96,8 @@ class OvisCLI(LightningCLI):
         given = (configured if isinstance(configured, list) else [configured]) + list(callbacks)
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = [*callbacks, progress_for_stdout()]
+        if config.get("logger") in (None, True):
+            config = {**config, "logger": run_logger(run_root(config))}
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs):
@@ -105,6 +109,7 @@ class OvisCLI(LightningCLI):
         # Never lose the last good checkpoint to a kill or a full disk mid-write.
         if type(getattr(trainer.strategy, "checkpoint_io", None)) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        place_checkpoints(trainer)
         return trainer
 
     def _resolve_ckpt_path(self) -> None:
@@ -141,6 +146,32 @@ class OvisCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._use_checkpoint_architecture()
+
+
+def run_root(trainer_config: dict) -> str:
+    """The run's output root, as the Trainer resolves it (`default_root_dir`, else the working directory)."""
+    return str(trainer_config.get("default_root_dir") or os.getcwd())
+
+
+def run_logger(root: str):
+    """`logger: true`: TensorBoard in `<root>/tb`, one unversioned folder, so a resumed run appends to its own
+    curves (Lightning's default would start `lightning_logs/version_N` on every rerun)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=root, name="tb", version="")
+
+
+def place_checkpoints(trainer) -> None:
+    """A ModelCheckpoint without `dirpath` writes `<default_root_dir>/checkpoints` (Lightning's default would
+    nest it in the logger's version folder, where a rerun's resume does not look before the run has started)."""
+    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
+
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None) is None:
+            dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+            if _is_local_file_protocol(dirpath):
+                dirpath = os.path.realpath(os.path.expanduser(dirpath))
+            callback.dirpath, callback._fs = dirpath, get_filesystem(dirpath)
 
 
 CLI_KWARGS = dict(subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
