@@ -76,7 +76,7 @@ def _from_checkpoint(path: str, use_ema: bool | None, max_sequence_length: int |
 
 
 def _from_pipeline(source: str, max_sequence_length: int | None) -> FlowMatchingModule:
-    local = check_weights_source(source, "load_module")  # a mistyped path says so, not "malformed repo id"
+    local = check_weights_source(source, "model")  # a mistyped path says so, not "malformed repo id"
     if local:
         folder = Path(source)
         if not folder.is_dir():
