@@ -118,3 +118,21 @@ def test_restoring_a_checkpoint_builds_its_architecture_or_says_why_not_in_one_l
         wrong.use_architecture_of(str(ckpt))
     message = str(err.value)
     assert "\n" not in message and "num_single_layers 1 vs 2" in message and "--model.backbone.pretrained" in message
+
+
+def test_a_dpo_reference_takes_the_policys_architecture(custom_run, tmp_path):
+    """The reference is the policy's starting point: a folder of the policy's custom shape builds (a preset is
+    not consulted), one of another shape is one line."""
+    from lit_ovis.modules.config import EncoderConfig
+    from lit_ovis.modules.sdpo import SDPOConfig, SDPOModule
+
+    _, ckpt, folder = custom_run
+    policy = dict(encoders=EncoderConfig(max_sequence_length=8), backbone=BackboneConfig(pretrained=str(ckpt)))
+    module = SDPOModule(**policy, sdpo=SDPOConfig(reference_pretrained=str(folder)))
+    module.configure_model()
+    assert _shape(module.reference.config) == _shape(CUSTOM)
+    other = tmp_path / "other"
+    OvisImageTransformer2DModel(**{**CUSTOM, "num_layers": 2}).save_pretrained(other)
+    with pytest.raises(CheckpointError) as err:
+        SDPOModule(**policy, sdpo=SDPOConfig(reference_pretrained=str(other))).configure_model()
+    assert "num_layers 2 vs 1" in str(err.value) and "\n" not in str(err.value)

@@ -92,9 +92,9 @@ def resolve_architecture(preset: str, pretrained: str | None) -> dict[str, Any]:
 def check_architecture(expected: dict[str, Any] | None, actual: dict[str, Any], source: str) -> None:
     """One line when the weights of `source` have another shape than the architecture asked for."""
     if expected is not None and normalised(expected) != normalised(actual):
-        raise CheckpointError(f"{source}: its backbone has another architecture than the checkpoint being restored "
-                              f"({describe_difference(actual, expected)}); start from the weights that checkpoint's run "
-                              "started from, or restore a checkpoint of this architecture")
+        raise CheckpointError(f"{source}: its backbone has another architecture than this run's "
+                              f"({describe_difference(actual, expected)}, its vs the run's); pass weights of the run's "
+                              "architecture (those its checkpoint's run started from)")
 
 
 def _none_if_null(value: str | None) -> str | None:
@@ -134,8 +134,9 @@ def build_backbone(
     `pretrained` may be a lit-ovis training checkpoint (its run's architecture and sampled weights), a diffusers
     folder (with or without a `transformer/` subfolder), a single `.safetensors` file in diffusers key layout
     (shaped like `preset`), or a hub id (only with network access or a local cache). `architecture`: the shape
-    the caller needs (a checkpoint about to be restored); it replaces `preset`, and weights of another shape
-    are refused in one line. `device="meta"` builds without allocating memory (parameter counting, FSDP init).
+    the caller needs (a checkpoint about to be restored, the policy a DPO reference must match); it replaces
+    `preset`, and weights of another shape are refused in one line. `device="meta"` builds without allocating
+    memory (parameter counting, FSDP init).
     """
     pretrained = _none_if_null(pretrained)  # a command-line `null` that arrived as text
     if pretrained and is_training_checkpoint(pretrained):

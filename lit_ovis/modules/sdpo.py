@@ -34,7 +34,7 @@ import torch
 from lit_ovis import flow
 from lit_ovis.errors import ConfigError
 from lit_ovis.losses.dpo import SafeguardConfig, sdpo_loss
-from lit_ovis.models.backbone import build_backbone
+from lit_ovis.models.backbone import architecture_of, build_backbone
 from lit_ovis.models.vae import pack_latents
 from lit_ovis.modules.base import OvisBaseModule
 from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig, TimestepConfig
@@ -82,7 +82,9 @@ class SDPOModule(OvisBaseModule):
     def build_frozen(self) -> None:
         super().build_frozen()
         path = self.sdpo.reference_pretrained
-        ref = build_backbone(self.backbone_cfg.preset, path) if path else copy.deepcopy(self.backbone)
+        # The reference is the policy's starting point: same architecture, whatever the preset says.
+        ref = (build_backbone(self.backbone_cfg.preset, path, architecture=architecture_of(self.backbone)) if path
+               else copy.deepcopy(self.backbone))
         ref.eval().requires_grad_(False)
         self._frozen["reference"] = ref
 
