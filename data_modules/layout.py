@@ -21,22 +21,31 @@ from lit_ovis.files import atomic_write_json
 
 REPORT = "report.json"
 WORK = "_work"
+DEFAULT_MERGE_CHUNK_BYTES = 1 << 20  # unused by a merge; LitData needs a value
 FORMAT = 2  # 1: a single top-level report.json with one `resolution` (older prepare / make-pairs outputs)
 BUCKET_DIR = re.compile(r"^(\d+)x(\d+)$")
 
 
-def bucket_writer(path: Path | str, chunk_bytes: int | str):
-    """A LitData writer for one bucket dataset, written by this process alone.
+def bucket_writer(path: Path | str, chunk_bytes: int | str, rank: int = 0, world: int = 1):
+    """A LitData writer for one bucket dataset, written by rank `rank` of `world` writers.
 
     LitData's writer takes its world size from torch.distributed: in a multi-process run where one rank
     builds the data (the synthetic demo set), its merge() would wait forever for index files from ranks
-    that write nothing. The writer is told it is a world of one."""
+    that write nothing. The writer is told its world explicitly: one by default; in a sharded prepare each
+    rank writes `chunk-<rank>-<n>.bin` and `<rank>.index.json`, which LitData's merge joins (`merge_rank_indexes`)."""
     from litdata.streaming.writer import BinaryWriter
     from litdata.utilities.env import _DistributedEnv
 
     writer = BinaryWriter(str(path), chunk_bytes=chunk_bytes)
-    writer._distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
+    writer._distributed_env = _DistributedEnv(world_size=world, global_rank=rank, num_nodes=1)
     return writer
+
+
+def merge_rank_indexes(path: Path | str, world: int) -> None:
+    """Join the `<rank>.index.json` files the ranks of a sharded write left in one bucket into its `index.json`,
+    with LitData's own merge (the one its multi-node `optimize` uses; ranks that wrote nothing have no file, so
+    the merge that waits for all `world` of them cannot be used)."""
+    bucket_writer(path, DEFAULT_MERGE_CHUNK_BYTES, 0, world)._merge_no_wait()
 
 
 def read_json(path: Path) -> dict | None:

@@ -22,15 +22,18 @@ import argparse
 import codecs
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,9 +41,12 @@ from tqdm import tqdm
 
 from data_modules.buckets import assign_bucket, make_buckets, resize_to_bucket
 from data_modules.dedup import MAX_THRESHOLD, NearDuplicateIndex
-from data_modules.layout import FORMAT, REPORT, WORK, read_json, update_root_report, work_dir
-from data_modules.records import (Record, Skip, add_source_options, check_caption, load_image, records_from_options,
+from data_modules.layout import FORMAT, REPORT, WORK, read_json, temp_dir, update_root_report, work_dir
+from data_modules.ranks import Collective, GlooCollective, ShardSpec, everywhere, local_rank, on_rank0, shard_spec
+from data_modules.records import (Record, Skip, add_source_options, check_caption, decode_image, load_image,
                                   synthetic_records)  # synthetic_records: re-exported for callers of prepare
+from data_modules.sources import Source, Unit, as_source, owned, source_from_options
+from data_modules import storage_plan
 from data_modules.writer import BucketedWriter, chunk_bytes_for, trim_embeddings
 from lit_ovis.errors import ConfigError, DataError, OneLineArgumentParser
 from lit_ovis.files import atomic_write
@@ -99,7 +105,34 @@ class PrepareConfig:
     """Encoding of sidecar captions and manifests without a byte-order mark (e.g. gb18030); text that is not
     valid in it is skipped and counted (`caption_encoding`, `manifest_encoding`), never decoded lossily."""
 
+    caption_field: str = "caption"
+    """Caption of a record: the manifest / Parquet column, the tar sample's member extension or .json key
+    (falling back to its .txt member)."""
+    image_field: str = "image"
+    """Parquet column holding the image (bytes, a Hugging Face image struct, or a path)."""
+    metadata_filters: str | None = None
+    """Keep only records whose metadata (manifest keys, tar .json, Parquet columns) passes every term, e.g.
+    "aesthetic>=5,punsafe<0.5,width>=512"; failures are counted as filter_<key> / missing_<key>."""
+    num_shards: int | None = None
+    """Split the inputs into this many shards, one per process (unset: from RANK/WORLD_SIZE, a SLURM array
+    or srun tasks; else 1). With an explicit split or an array, run once more with --merge afterwards."""
+    shard_index: int | None = None
+    """Which shard this process prepares, 0 .. num_shards - 1."""
+    merge: bool = False
+    """Encode nothing: deduplicate and write the dataset from every shard's finished work (after the shards of
+    an explicit split or a SLURM array). A torchrun / srun group merges by itself."""
+    wait_timeout_s: float = 86400.0
+    """How long a rank of a group waits for the others (e.g. for the slowest shard to finish encoding)."""
+    plan_only: bool = False
+    """Print the storage plan (projected output size vs free space) and stop."""
+    keep_work: bool = True
+    """Keep the restart cache (<output_dir>/_work/) after the dataset is written (false frees its space)."""
+
     def check(self) -> None:
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ConfigError(f"--num-shards must be >= 1 (got {self.num_shards})")
+        if self.wait_timeout_s <= 0:
+            raise ConfigError(f"--wait-timeout-s must be > 0 (got {self.wait_timeout_s})")
         if self.resolution < 16 or self.resolution % 16:
             raise ConfigError(f"--resolution must be a positive multiple of 16 (got {self.resolution})")
         if not 0 <= self.dedup_threshold <= MAX_THRESHOLD:
@@ -129,7 +162,7 @@ def _process(record: Record, cfg: PrepareConfig, buckets: list[tuple[int, int]])
             image, caption = rendered.image, rendered.caption
             language, target_text = rendered.language, rendered.text
         else:
-            image = load_image(record.path, converted)
+            image = decode_image(record.data, converted) if record.data is not None else load_image(record.path, converted)
             caption, language, target_text = record.caption, record.language, record.target_text
         caption = check_caption(caption, cfg.max_caption_chars)
         if min(image.size) < cfg.min_side:
@@ -172,7 +205,10 @@ class Encoders:
     def __init__(self, cfg: PrepareConfig):
         from lit_ovis.models.vae import build_vae
 
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+        if cfg.device == "auto":  # each rank of a node on its own GPU
+            self.device = torch.device(f"cuda:{local_rank() % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.vae = build_vae(cfg.vae, dtype=dtype).to(self.device)
         self.text_encoder = None
@@ -212,7 +248,8 @@ def _record_identity(r: Record) -> list:
         except OSError:
             pass
     skip = [r.skip] if r.skip else []  # only when set: keys of ordinary records stay as they were
-    return [r.id, r.caption, r.path, r.language, r.target_text, r.synthetic_index, *stat, *skip]
+    data = [hashlib.sha256(r.data).hexdigest()] if r.data is not None else []
+    return [r.id, r.caption, r.path, r.language, r.target_text, r.synthetic_index, *stat, *skip, *data]
 
 
 def _digest(obj) -> str:
@@ -224,6 +261,19 @@ def shard_keys(records: list[Record], cfg: PrepareConfig) -> list[str]:
     fields = {k: getattr(cfg, k) for k in RECORD_FIELDS}
     return [_digest([FORMAT, fields, [_record_identity(r) for r in records[i : i + cfg.shard_size]]])
             for i in range(0, len(records), cfg.shard_size)]
+
+
+# Settings that change what a container (tar, Parquet row group) yields: part of its units' keys.
+READER_FIELDS = ("caption_field", "image_field", "metadata_filters", "caption_encoding", "shard_size")
+
+
+def unit_key(unit: Unit, cfg: PrepareConfig) -> str:
+    """Cache key of a unit: a list unit by its records' content (`shard_keys`), a container unit by the file's
+    identity (URL, size, version) and the settings that change what it yields."""
+    fields = {k: getattr(cfg, k) for k in RECORD_FIELDS}
+    if unit.records is not None:
+        return _digest([FORMAT, fields, [_record_identity(r) for r in unit.records]])
+    return _digest([FORMAT, fields, {k: getattr(cfg, k) for k in READER_FIELDS}, unit.identity])
 
 
 def dataset_fingerprint(keys: list[str], cfg: PrepareConfig) -> str:
@@ -263,107 +313,259 @@ def _run_shard(records: list[Record], cfg: PrepareConfig, buckets, encoders: Enc
     return {"samples": samples, "skipped": dict(skipped), "inputs": len(records), "converted": dict(converted)}
 
 
-class _DedupingWriter:
-    """Streams prepared shards, in input order, into the bucketed writer, dropping near-duplicates.
-
-    Memory: one shard (its tensors memory-mapped), the writers' chunk buffers (`write_buffer_mb`) and the
-    near-duplicate index (ints), independent of the dataset size."""
-
-    def __init__(self, cfg: PrepareConfig, n_buckets: int):
-        self.writer = BucketedWriter(cfg.output_dir, cfg.resolution, chunk_bytes_for(cfg.write_buffer_mb, n_buckets))
-        self.index = NearDuplicateIndex(cfg.dedup_threshold) if cfg.dedup else None
-        self.skipped: Counter = Counter()
-        self.converted: Counter = Counter()
-        self.inputs = 0
-
-    def add_shard(self, path: Path) -> None:
-        # A function scope per shard: nothing of it outlives the call.
-        shard = torch.load(path, weights_only=True, mmap=True)
-        self.inputs += shard["inputs"]
-        self.skipped.update(shard["skipped"])
-        self.converted.update(shard.get("converted", {}))
-        for s in shard["samples"]:
-            if self.index is not None and s["phash"] is not None and not self.index.add(s["phash"]):
-                self.skipped["duplicate"] += 1
-                continue
-            item = {k: s[k] for k in ("id", "caption", "language", "target_text", "latents")}
-            if s["prompt_embeds"] is not None:
-                item["prompt_embeds"] = s["prompt_embeds"]
-            self.writer.add(s["bucket"], item)
+# ------------------------------------------------------------------------------------------ units
+def _cached_shards(path: Path) -> Iterator[dict]:
+    """The finished shards of one unit's cache, in input order (a container unit's cache lists its parts)."""
+    head = torch.load(path, weights_only=True, mmap=True)
+    if "parts" not in head:
+        yield head
+        return
+    for name in head["parts"]:
+        yield torch.load(path.parent / name, weights_only=True, mmap=True)
 
 
-def prepare(records: list[Record], cfg: PrepareConfig, progress: bool = True) -> dict:
-    """Prepare `records` at `cfg.resolution` into `cfg.output_dir`; returns that resolution's report."""
+def _prepare_unit(unit: Unit, path: Path, cfg: PrepareConfig, buckets, encoders: Callable[[], Encoders], pool, bar) -> int:
+    """Encode one unit into its cache `path` (parts of `shard_size` records for a container, each saved as it is
+    done, so a kill redoes at most one part); returns the records processed now."""
+    if unit.records is not None:
+        _atomic_torch_save(_run_shard(unit.records, cfg, buckets, encoders(), pool), path)
+        bar.update(len(unit.records))
+        return len(unit.records)
+    processed, parts, stream = 0, [], unit.read()
+    for k in itertools.count():
+        chunk = list(itertools.islice(stream, cfg.shard_size))
+        if not chunk:
+            break
+        part = path.with_name(f"{path.stem}-{k}.pt")
+        if not part.exists():
+            _atomic_torch_save(_run_shard(chunk, cfg, buckets, encoders(), pool), part)
+            processed += len(chunk)
+        bar.update(len(chunk))
+        parts.append(part.name)
+    _atomic_torch_save({"parts": parts}, path)
+    return processed
+
+
+def _encode_owned(units: list[Unit], paths: list[Path], spec: ShardSpec, cfg: PrepareConfig, buckets, progress: bool) -> tuple[int, int]:
+    """Encode this shard's units that have no cache yet; (records processed, units reused)."""
+    mine = [u for u in owned(units, spec.index, spec.count)]
+    todo = [u for u in mine if not paths[u.index].exists()]
+    if not todo:
+        return 0, len(mine)
+    built: list[Encoders] = []
+
+    def encoders() -> Encoders:  # built on first need: a container whose parts are all cached needs none
+        if not built:
+            built.append(Encoders(cfg))
+        return built[0]
+
+    pool = ProcessPoolExecutor(cfg.num_workers) if cfg.num_workers > 1 else None
+    processed = 0
+    try:
+        total = sum(u.size for u in todo) if all(u.size is not None for u in todo) else None
+        desc = f"prepare {cfg.resolution}" + (f" {spec.describe()}" if spec.count > 1 else "")
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+            for u in todo:
+                processed += _prepare_unit(u, paths[u.index], cfg, buckets, encoders, pool, bar)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return processed, len(mine) - len(todo)
+
+
+def _dedup_pass(paths: list[Path], cfg: PrepareConfig) -> dict:
+    """Read every unit's cache in input order (hashes and counts only; tensors stay on disk): which samples are
+    near-duplicates of an earlier one (global: across units and shards, first copy kept, as in one process), and
+    the report's counts. Samples are named (unit, shard, position), so duplicate record ids cannot collide."""
+    index = NearDuplicateIndex(cfg.dedup_threshold) if cfg.dedup else None
+    dropped: set[tuple[int, int, int]] = set()
+    skipped, converted, inputs = Counter(), Counter(), 0
+    for u, path in enumerate(paths):
+        for p, shard in enumerate(_cached_shards(path)):
+            inputs += shard["inputs"]
+            skipped.update(shard["skipped"])
+            converted.update(shard.get("converted", {}))
+            hashes = [s["phash"] for s in shard["samples"]]
+            del shard  # nothing of a shard outlives its turn: the next one loads into free memory
+            for k, h in enumerate(hashes):
+                if index is not None and h is not None and not index.add(h):
+                    dropped.add((u, p, k))
+    skipped["duplicate"] += len(dropped)
+    if not skipped["duplicate"]:
+        del skipped["duplicate"]
+    return {"dropped": dropped, "skipped": dict(sorted(skipped.items())), "converted": dict(sorted(converted.items())),
+            "inputs": inputs, "comparisons": index.comparisons if index is not None else 0}
+
+
+def _write_owned(writer: BucketedWriter, units: list[Unit], paths: list[Path], spec: ShardSpec, dropped: set) -> dict[str, int]:
+    """Stream this rank's units' kept samples, in input order, into its part of the dataset; its items per bucket.
+    Memory: one shard (tensors memory-mapped) and the chunk buffers, independent of the dataset size."""
+    for u in owned(units, spec.index, spec.count):
+        for p, shard in enumerate(_cached_shards(paths[u.index])):
+            _write_shard(writer, shard, u.index, p, dropped)
+            del shard  # nothing of a shard outlives its turn: the next one loads into free memory
+    return writer.close()
+
+
+def _write_shard(writer: BucketedWriter, shard: dict, unit: int, part: int, dropped: set) -> None:
+    for k, s in enumerate(shard["samples"]):
+        if (unit, part, k) in dropped:
+            continue
+        item = {key: s[key] for key in ("id", "caption", "language", "target_text", "latents")}
+        if s["prompt_embeds"] is not None:
+            item["prompt_embeds"] = s["prompt_embeds"]
+        writer.add(s["bucket"], item)
+
+
+def _storage_plan(source: Source, cfg: PrepareConfig, work: Path) -> storage_plan.StoragePlan:
+    samples, counted = source.count()
+    hidden, _ = storage_plan.text_encoder_hidden_size(cfg.text_encoder)
+    text_storage = "embeddings" if cfg.text_encoder else "captions"
+    cached = sum(1 for _ in work.glob("*.pt")) * cfg.shard_size if work.is_dir() else 0
+    return storage_plan.StoragePlan(
+        samples=samples or 0, counted=counted,
+        latent_bytes=storage_plan.latent_bytes(cfg.resolution, cfg.min_aspect, cfg.max_aspect, cfg.storage_dtype),
+        text_bytes=storage_plan.text_bytes(text_storage, cfg.max_sequence_length, hidden, cfg.storage_dtype),
+        text_storage=text_storage, cache_done_fraction=min(1.0, cached / samples) if samples else 1.0,
+        free=storage_plan.free_bytes(cfg.output_dir))
+
+
+def _collective(spec: ShardSpec, cfg: PrepareConfig, given: Collective | None) -> Collective:
+    if given is not None:
+        return given
+    return GlooCollective(spec, cfg.wait_timeout_s) if spec.grouped else Collective()
+
+
+def prepare(inputs: list[Record] | Source, cfg: PrepareConfig, progress: bool = True, shard: ShardSpec | None = None,
+            collective: Collective | None = None) -> dict:
+    """Prepare `inputs` at `cfg.resolution` into `cfg.output_dir`; returns that resolution's report.
+
+    Sharded (`shard`, else from the options / launcher environment: data_modules/ranks.py): this process encodes
+    its units only. A group (torchrun, srun) then deduplicates and writes together, rank 0 publishing; a
+    shard of an explicit split or array stops after encoding (its report says so) and `--merge` writes."""
     cfg.check()
+    source = as_source(inputs)
+    if shard is not None:
+        spec = shard
+    else:  # a merge takes no --shard-index: it runs alone, or as a torchrun / srun group that writes together
+        spec = shard_spec(None, None) if cfg.merge else shard_spec(cfg.num_shards, cfg.shard_index)
+    if cfg.merge and not spec.grouped:  # the merge after a split or an array: one process writes everything
+        spec = ShardSpec()
+    col = _collective(spec, cfg, collective)
+    try:
+        return _prepare(source, cfg, progress, spec, col)
+    finally:
+        if collective is None:
+            col.close()
+
+
+def _prepare(source: Source, cfg: PrepareConfig, progress: bool, spec: ShardSpec, col: Collective) -> dict:
     out = Path(cfg.output_dir)
     work = work_dir(out, cfg.resolution)
-    work.mkdir(parents=True, exist_ok=True)
-    buckets = make_buckets(cfg.resolution, cfg.min_aspect, cfg.max_aspect)
-    shards = [records[i : i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
-    keys = shard_keys(records, cfg)
-    fingerprint = dataset_fingerprint(keys, cfg)
     final = out / str(cfg.resolution)
+    buckets = make_buckets(cfg.resolution, cfg.min_aspect, cfg.max_aspect)
 
+    if not cfg.merge:
+        def plan() -> tuple[str, str | None]:
+            p = _storage_plan(source, cfg, work)
+            return p.describe(cfg.resolution), p.refusal(cfg.output_dir)
+
+        described, refusal = on_rank0(col, plan, "project the output size")
+        if col.rank == 0 and (progress or cfg.plan_only):
+            print(described, file=sys.stderr)
+        if refusal:
+            raise DataError(refusal)
+        if cfg.plan_only:
+            return {"plan": described}
+
+    units = list(source.units(cfg.shard_size))
+    keys = everywhere(col, lambda: [unit_key(u, cfg) for u in owned(units, col.rank, col.world)], "list the inputs")
+    keys = [keys[u.index % col.world][u.index // col.world] for u in units]  # every rank's keys, in unit order
+    fingerprint = dataset_fingerprint(keys, cfg)
     done = read_json(final / REPORT)
     if done and done.get("fingerprint") == fingerprint and all((final / b / "index.json").exists() for b in done["buckets"]):
-        update_root_report(out)
+        if col.rank == 0:
+            update_root_report(out)
         return {**done, "processed_this_run": 0, "reused_shards": len(keys), "seconds_this_run": 0.0}
 
+    work.mkdir(parents=True, exist_ok=True)
     paths = [work / f"{key}.pt" for key in keys]
-    todo = [k for k, path in enumerate(paths) if not path.exists()]
     start = time.perf_counter()
-    if todo:
-        encoders = Encoders(cfg)
-        pool = ProcessPoolExecutor(cfg.num_workers) if cfg.num_workers > 1 else None
-        try:
-            bar = tqdm(total=sum(len(shards[k]) for k in todo), desc=f"prepare {cfg.resolution}", unit="img", disable=not progress, file=sys.stderr)
-            for k in todo:
-                _atomic_torch_save(_run_shard(shards[k], cfg, buckets, encoders, pool), paths[k])
-                bar.update(len(shards[k]))
-            bar.close()
-        finally:
-            if pool is not None:
-                pool.shutdown()
+    processed, reused = 0, 0
+    if not cfg.merge:
+        processed, reused = _encode_owned(units, paths, spec, cfg, buckets, progress)
+    if not spec.grouped and spec.count > 1:  # one shard of a split: the merge run writes the dataset
+        mine = [u for u in owned(units, spec.index, spec.count)]
+        return {"resolution": cfg.resolution, "shard": spec.describe(), "units": len(mine), "inputs_listed": len(units),
+                "processed_this_run": processed, "reused_shards": reused, "seconds_this_run": round(time.perf_counter() - start, 3),
+                "next": f"when every shard is done: lit-ovis prepare ... --merge true (same options, without --shard-index)"}
+    counts = everywhere(col, lambda: (processed, reused), "encode their shard")
+    processed, reused = sum(c[0] for c in counts), (len(units) if cfg.merge else sum(c[1] for c in counts))
 
-    written = _DedupingWriter(cfg, len(buckets))
-    for path in paths:
-        written.add_shard(path)
-    buckets_written = written.writer.buckets
-    report = written.writer.finish({  # the report travels inside the dataset swap; the root report is rebuilt
-        "inputs": written.inputs,
-        "kept": sum(buckets_written.values()),
-        "skipped": dict(sorted(written.skipped.items())),
-        "converted": dict(sorted(written.converted.items())),
-        "buckets": buckets_written,
-        "has_prompt_embeds": bool(cfg.text_encoder),
-        "fingerprint": fingerprint,
-        "shards": len(keys),
-        "dedup": {"enabled": cfg.dedup, "threshold_bits": cfg.dedup_threshold, "bands": cfg.dedup_threshold + 1,
-                  "hash_comparisons": written.index.comparisons if written.index is not None else 0},
-        "config": asdict(cfg),
-        "processed_this_run": sum(len(shards[k]) for k in todo),
-        "reused_shards": len(keys) - len(todo),
-        "seconds_this_run": round(time.perf_counter() - start, 3),
-    })
-    current = {p.name for p in paths}
-    for stale in [*work.glob("*.pt"), *work.glob(".*.tmp-*")]:  # other inputs/settings; saves cut by a kill
-        if stale.name not in current:
+    missing = [u.name for u, path in zip(units, paths) if not path.exists()]
+    if missing:
+        raise DataError(f"--merge: {len(missing)} of {len(units)} input units are not prepared yet (first: {missing[0]}); "
+                        "finish every shard (the same command with its --shard-index) first, then rerun --merge")
+
+    def first_pass() -> dict:
+        result = _dedup_pass(paths, cfg)
+        tmp = temp_dir(out, cfg.resolution)
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted earlier write
+        tmp.mkdir(parents=True)
+        return result
+
+    dedup = on_rank0(col, first_pass, "deduplicate")
+    writer = BucketedWriter(out, cfg.resolution, chunk_bytes_for(cfg.write_buffer_mb, len(buckets)), col.rank, col.world, fresh=False)
+    sizes = everywhere(col, lambda: _write_owned(writer, units, paths, ShardSpec(col.rank, col.world), dedup["dropped"]), "write their part")
+    total = Counter()
+    for part in sizes:
+        total.update(part)
+
+    def publish() -> dict:
+        report = writer.publish({  # the report travels inside the dataset swap; the root report is rebuilt
+            "inputs": dedup["inputs"],
+            "kept": sum(total.values()),
+            "skipped": dedup["skipped"],
+            "converted": dedup["converted"],
+            "has_prompt_embeds": bool(cfg.text_encoder),
+            "fingerprint": fingerprint,
+            "shards": len(keys),
+            "ranks": col.world,
+            "dedup": {"enabled": cfg.dedup, "threshold_bits": cfg.dedup_threshold, "bands": cfg.dedup_threshold + 1,
+                      "hash_comparisons": dedup["comparisons"]},
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("num_shards", "shard_index", "merge", "plan_only")},
+            "processed_this_run": processed,
+            "reused_shards": reused,
+            "seconds_this_run": round(time.perf_counter() - start, 3),
+        }, dict(total))
+        _clean_work(work, paths, out, cfg.keep_work)
+        return report
+
+    return on_rank0(col, publish, "publish the dataset")
+
+
+def _clean_work(work: Path, paths: list[Path], out: Path, keep: bool) -> None:
+    """Drop cache files of other inputs/settings and saves cut by a kill (or the whole cache: `keep` false)."""
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    current = {p.stem for p in paths}
+    for stale in [*work.glob("*.pt"), *work.glob(".*.tmp-*")]:
+        if stale.name.startswith(".") or stale.stem.split("-")[0] not in current:
             stale.unlink(missing_ok=True)
     for legacy in (out / WORK).glob("shard-*.pt"):  # format-1 cache, keyed by shard index only: never valid
         legacy.unlink(missing_ok=True)
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineArgumentParser(prog="lit-ovis prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_source_options(p)
+    add_source_options(p, containers=True)
     add_options(p, PrepareConfig)
     args = p.parse_args(argv)
     cfg = from_options(PrepareConfig, args)
     try:
         cfg.check()  # before reading inputs: --caption-encoding decides how captions are read
-        records = records_from_options(args, cfg.caption_encoding)
-        report = prepare(records, cfg)
+        report = prepare(source_from_options(args, cfg), cfg)
     except (DataError, ConfigError, OSError) as err:  # OSError: an unwritable output folder, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -371,7 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a decoding worker process died (killed by the system, e.g. out of memory on a huge image); "
               f"finished shards are kept in {cfg.output_dir}/{WORK}: rerun, with --num-workers 1 to use less memory", file=sys.stderr)
         return 2
-    print(json.dumps({k: report[k] for k in ("resolution", "inputs", "kept", "skipped", "converted", "buckets")}, ensure_ascii=False))
+    if "plan" in report:  # --plan-only: the plan is printed already
+        return 0
+    keys = ("resolution", "shard", "units", "processed_this_run", "reused_shards", "next") if "shard" in report else \
+        ("resolution", "inputs", "kept", "skipped", "converted", "buckets")
+    print(json.dumps({k: report[k] for k in keys}, ensure_ascii=False))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Reading and validating raw inputs: image folders with sidecar captions, JSONL/CSV manifests.
+"""Reading and validating raw inputs: image folders with sidecar captions, JSONL/CSV manifests, and the
+record-level helpers the container readers share (`data_modules.webdataset_tars`, `data_modules.parquet_files`).
 
 Every failure is a named skip reason (counted in the prepare report), never an exception that stops a
 long job: a bad manifest row or caption becomes a `Record` with `skip` set, a bad image raises `Skip`
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import json
 import os
 import stat
@@ -28,6 +30,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from data_modules.metadata_filters import MetadataFilter, filter_reason
 from lit_ovis.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -48,6 +51,7 @@ class Record:
     target_text: str = ""
     synthetic_index: int | None = None
     skip: str | None = None  # a reason known before decoding (bad manifest row, undecodable caption)
+    data: bytes | None = None  # the encoded image itself (a tar member, a Parquet cell) instead of a file path
 
 
 class Skip(Exception):
@@ -87,10 +91,27 @@ def read_caption(path: Path, encoding: str = "utf-8") -> tuple[str, str | None]:
             data = f.read(CAPTION_MAX_BYTES + 1)
     except OSError:
         return "", "caption_unreadable"
+    return caption_from_bytes(data, encoding)
+
+
+def caption_from_bytes(data: bytes | None, encoding: str = "utf-8") -> tuple[str, str | None]:
+    """(caption, skip reason or None) of caption bytes (a sidecar file's, a tar's .txt member): the same rules."""
+    if data is None:
+        return "", "missing_caption"
     if len(data) > CAPTION_MAX_BYTES:
         return "", "long_caption"
     text = decode_text(data, encoding)
     return ("", "caption_encoding") if text is None else (text.strip(), None)
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How the container readers (tars, Parquet) and manifests find a record's fields and filter it."""
+
+    caption_field: str = "caption"
+    image_field: str = "image"
+    encoding: str = "utf-8"
+    filters: tuple[MetadataFilter, ...] = ()
 
 
 def records_from_folder(folder: str | Path, encoding: str = "utf-8") -> list[Record]:
@@ -129,8 +150,9 @@ def _manifest_lines(manifest: Path, encoding: str) -> Iterator[tuple[int, str | 
             yield n, decode_text(raw, encoding)
 
 
-def _row_record(i: int, row, base: Path) -> Record:
-    """A manifest row as a Record; a row that cannot be one keeps its reason in `skip`."""
+def _row_record(i: int, row, base: Path, caption_field: str = "caption", filters: tuple[MetadataFilter, ...] = ()) -> Record:
+    """A manifest row as a Record; a row that cannot be one keeps its reason in `skip`. The row's other keys are its
+    metadata (`filters`)."""
     rid = f"{i:08d}:"
     if not isinstance(row, dict):
         return Record(id=rid, caption="", skip="manifest_bad_row")
@@ -139,81 +161,94 @@ def _row_record(i: int, row, base: Path) -> Record:
         return Record(id=rid, caption="", skip="missing_path")
     rid += path
     language = row.get("language") or "en"
-    caption, caption_zh, target = row.get("caption"), row.get("caption_zh"), row.get("target_text") or ""
+    caption, caption_zh, target = row.get(caption_field), row.get("caption_zh"), row.get("target_text") or ""
     if not all(isinstance(v, str) for v in (language, target)) or not isinstance(caption_zh, (str, type(None))):
         return Record(id=rid, caption="", skip="manifest_bad_row")
     if language == "zh" and caption_zh:
         caption = caption_zh
     full = Path(path) if Path(path).is_absolute() else base / path
     skip = "missing_caption" if caption is None else None if isinstance(caption, str) else "caption_not_text"
+    skip = filter_reason(list(filters), row) or skip
     return Record(id=rid, caption=caption if isinstance(caption, str) else "", path=str(full), language=language, target_text=target, skip=skip)
 
 
-def records_from_manifest(manifest: str | Path, encoding: str = "utf-8") -> list[Record]:
-    """JSONL or CSV with columns path, caption, optional language / caption_zh / target_text. Bad rows
-    (undecodable, not JSON, not an object, no usable path, a non-string caption) are skipped and counted."""
+def iter_manifest(manifest: str | Path, encoding: str = "utf-8", caption_field: str = "caption",
+                  filters: tuple[MetadataFilter, ...] = ()) -> Iterator[Record]:
+    """The records of a JSONL or CSV manifest (columns path, `caption_field`, optional language / caption_zh /
+    target_text), streamed line by line. Bad rows (undecodable, not JSON, not an object, no usable path, a
+    non-string caption) are skipped and counted; rows failing a metadata filter are skipped as its reason."""
     manifest = Path(manifest)
     if not manifest.exists():
         raise DataError(f"--manifest {manifest}: not found; pass a .jsonl or .csv with path, caption[, language]")
     if not _regular_file(manifest):
         raise DataError(f"--manifest {manifest}: not a regular file; pass a .jsonl or .csv with path, caption[, language]")
     base = manifest.parent
-    out: list[Record] = []
     if manifest.suffix.lower() == ".csv":
-        lines = _manifest_lines(manifest, encoding)
-        bad_lines: list[int] = []
-
-        def decoded():  # undecodable lines are counted, not fed to the CSV reader
-            for n, text in lines:
-                if text is None:
-                    bad_lines.append(n)
-                else:
-                    yield text
-
-        reader = csv.reader(decoded())
-        header = next(reader, None)
-        if not header or "path" not in [h.strip().lstrip("\ufeff") for h in header]:
-            raise DataError(f"--manifest {manifest}: the CSV header {header} has no 'path' column; required columns are path, caption")
-        header = [h.strip().lstrip("\ufeff") for h in header]
-        i = 0
-        while True:
-            try:
-                values = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:  # e.g. a field beyond the csv module's size limit: this row only
-                out.append(Record(id=f"{i:08d}:", caption="", skip="manifest_bad_row"))
-                i += 1
-                continue
-            while bad_lines:
-                out.append(Record(id=f"{i:08d}:", caption="", skip="manifest_encoding"))
-                bad_lines.pop()
-                i += 1
-            if not values:
-                continue
-            out.append(_row_record(i, dict(zip(header, values)), base))
-            i += 1
-        out += [Record(id=f"{i + k:08d}:", caption="", skip="manifest_encoding") for k in range(len(bad_lines))]
-        return out
-    parsed = 0
+        yield from _iter_csv(manifest, encoding, base, caption_field, filters)
+        return
+    parsed = seen = 0
     for i, (n, text) in enumerate((n, t) for n, t in _manifest_lines(manifest, encoding) if t is None or t.strip()):
+        seen += 1
         if text is None:
-            out.append(Record(id=f"{i:08d}:", caption="", skip="manifest_encoding"))
+            yield Record(id=f"{i:08d}:", caption="", skip="manifest_encoding")
             continue
         try:
             row = json.loads(text)
         except json.JSONDecodeError:
-            out.append(Record(id=f"{i:08d}:", caption="", skip="manifest_bad_json"))
+            yield Record(id=f"{i:08d}:", caption="", skip="manifest_bad_json")
             continue
         parsed += 1
-        out.append(_row_record(i, row, base))
-    if out and not parsed:
+        yield _row_record(i, row, base, caption_field, filters)
+    if seen and not parsed:
         raise DataError(f"--manifest {manifest}: no line is JSON; a .jsonl manifest has one object per line with 'path' and 'caption' (use a .csv name for CSV)")
-    return out
+
+
+def _iter_csv(manifest: Path, encoding: str, base: Path, caption_field: str, filters: tuple[MetadataFilter, ...]) -> Iterator[Record]:
+    lines = _manifest_lines(manifest, encoding)
+    bad_lines: list[int] = []
+
+    def decoded():  # undecodable lines are counted, not fed to the CSV reader
+        for n, text in lines:
+            if text is None:
+                bad_lines.append(n)
+            else:
+                yield text
+
+    reader = csv.reader(decoded())
+    header = next(reader, None)
+    if not header or "path" not in [h.strip().lstrip("\ufeff") for h in header]:
+        raise DataError(f"--manifest {manifest}: the CSV header {header} has no 'path' column; required columns are path, caption")
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    i = 0
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # e.g. a field beyond the csv module's size limit: this row only
+            yield Record(id=f"{i:08d}:", caption="", skip="manifest_bad_row")
+            i += 1
+            continue
+        while bad_lines:
+            yield Record(id=f"{i:08d}:", caption="", skip="manifest_encoding")
+            bad_lines.pop()
+            i += 1
+        if not values:
+            continue
+        yield _row_record(i, dict(zip(header, values)), base, caption_field, filters)
+        i += 1
+    for k in range(len(bad_lines)):
+        yield Record(id=f"{i + k:08d}:", caption="", skip="manifest_encoding")
+
+
+def records_from_manifest(manifest: str | Path, encoding: str = "utf-8", caption_field: str = "caption",
+                          filters: tuple[MetadataFilter, ...] = ()) -> list[Record]:
+    """Every record of a manifest (`iter_manifest`) as a list."""
+    return list(iter_manifest(manifest, encoding, caption_field, filters))
 
 
 def load_image(path: str, conversions: list[str] | None = None) -> Image.Image:
-    """Decode fully (catches truncation), apply the EXIF orientation (phone photos are stored sideways),
+    """Decode the file fully (catches truncation), apply the EXIF orientation (phone photos are stored sideways),
     and normalise to 8-bit RGB (CMYK, alpha, palette, 16-bit, float). Each conversion made is appended to
     `conversions` (counted in the prepare report); anything unusable raises Skip with its reason."""
     if path is None:
@@ -222,12 +257,23 @@ def load_image(path: str, conversions: list[str] | None = None) -> Image.Image:
         raise Skip("missing_file")
     if not _regular_file(Path(path)):
         raise Skip("not_a_file")  # a FIFO, device or directory named like an image: reading it could block
+    return _decode(path, conversions)
+
+
+def decode_image(data: bytes, conversions: list[str] | None = None) -> Image.Image:
+    """`load_image` for an image held in memory (a tar member, a Parquet cell): the same checks and conversions."""
+    if not data:
+        raise Skip("corrupt")
+    return _decode(io.BytesIO(data), conversions)
+
+
+def _decode(source, conversions: list[str] | None) -> Image.Image:
     done = conversions if conversions is not None else []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             ImageFile.LOAD_TRUNCATED_IMAGES = False
-            img = Image.open(path)
+            img = Image.open(source)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise Skip("too_large") from None
@@ -307,12 +353,20 @@ def synthetic_records(n: int) -> list[Record]:
     return [Record(id=f"syn-{i:08d}", caption="", synthetic_index=i) for i in range(n)]
 
 
-def add_source_options(parser) -> None:
-    """The input of `prepare` and `make-pairs`: exactly one of an image folder, a manifest or the synthetic engine."""
+def add_source_options(parser, containers: bool = False) -> None:
+    """The input of `prepare` and `make-pairs`: exactly one of an image folder, a manifest or the synthetic engine;
+    with `containers` (prepare) also WebDataset tar shards or Parquet files (`data_modules.sources`)."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--image-dir", help="folder of images with sidecar .txt captions")
     src.add_argument("--manifest", help="JSONL or CSV with path, caption[, language, caption_zh, target_text]")
     src.add_argument("--synthetic", type=int, metavar="N", help="N samples of the synthetic text-rendering engine")
+    if containers:
+        src.add_argument("--tar", metavar="PATTERN",
+                         help="WebDataset / img2dataset tar shards (image + .txt/.json per sample): a path or URL (s3://, gs://, ...) "
+                              "with {000..099} ranges or * globs, e.g. 's3://bucket/laion/{00000..00999}.tar'")
+        src.add_argument("--parquet", metavar="PATTERN",
+                         help="Parquet files with an image column (bytes, a Hugging Face image struct, or a path) and a caption "
+                              "column (--image-field, --caption-field); a path or URL with ranges or globs")
 
 
 def records_from_options(args, encoding: str = "utf-8") -> list[Record]:

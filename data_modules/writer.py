@@ -6,6 +6,10 @@ directory and swapped in with its report, then the root report is rebuilt (layou
     writer.add("256x256", {"id": ..., "latents": ...})      # streamed: one open chunk buffer per bucket
     writer.finish({"inputs": ..., ...})                       # report += buckets; readers see old or new data
 
+A sharded prepare writes one dataset from several ranks: each rank's `BucketedWriter(..., rank=r, world=W)` writes
+its own chunks and per-rank index into the shared temp directory (`close`), then rank 0 joins the indexes with
+LitData's merge and publishes (`publish`).
+
 Text embeddings are stored trimmed (`trim_embeddings`): the padding rows of an encoded prompt are exactly zero,
 so only the valid prefix goes to disk and collate zero-pads it back to the encoder length.
 """
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 
 from data_modules.buckets import bucket_name
-from data_modules.layout import REPORT, bucket_writer, swap_in, temp_dir, update_root_report
+from data_modules.layout import REPORT, bucket_writer, merge_rank_indexes, swap_in, temp_dir, update_root_report
 from lit_ovis.files import atomic_write_json
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -39,20 +43,28 @@ def chunk_bytes_for(budget_mb: int, n_buckets: int) -> int:
 
 
 class BucketedWriter:
-    """One resolution of a bucketed root, written item by item and published atomically by `finish`."""
+    """One resolution of a bucketed root, written item by item and published atomically by `finish`.
 
-    def __init__(self, root: str | Path, resolution: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    With `world` > 1 this is rank `rank`'s part: the temp directory is made `fresh` once (an interrupted earlier write
+    removed) before every rank opens its writer with `fresh=False`; each `close`s its part, then rank 0 alone `publish`es."""
+
+    def __init__(self, root: str | Path, resolution: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, rank: int = 0, world: int = 1,
+                 fresh: bool = True):
         self.root, self.resolution, self.chunk_bytes = Path(root), int(resolution), chunk_bytes
+        self.rank, self.world = rank, world
         self.tmp = temp_dir(self.root, self.resolution)
-        shutil.rmtree(self.tmp, ignore_errors=True)  # an interrupted earlier write
-        self.tmp.mkdir(parents=True)
+        if fresh:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # an interrupted earlier write
+            self.tmp.mkdir(parents=True)
+        else:
+            self.tmp.mkdir(parents=True, exist_ok=True)
         self.writers: dict[str, Any] = {}
         self.sizes: Counter = Counter()
 
     def add(self, bucket: tuple[int, int] | str, item: dict[str, Any]) -> None:
         name = bucket if isinstance(bucket, str) else bucket_name(bucket)
         if name not in self.writers:
-            self.writers[name] = bucket_writer(self.tmp / name, self.chunk_bytes)  # a world of one: see layout
+            self.writers[name] = bucket_writer(self.tmp / name, self.chunk_bytes, self.rank, self.world)
         self.writers[name][self.sizes[name]] = item
         self.sizes[name] += 1
 
@@ -60,14 +72,30 @@ class BucketedWriter:
     def buckets(self) -> dict[str, int]:
         return dict(sorted(self.sizes.items()))
 
-    def finish(self, report: dict[str, Any]) -> dict[str, Any]:
-        """Close every bucket, write `report` (with `resolution` and `buckets` added) inside the dataset, swap it
-        in at `<root>/<resolution>/` and rebuild `<root>/report.json`."""
+    def close(self) -> dict[str, int]:
+        """Write this rank's last chunks and its index; returns its items per bucket."""
         for writer in self.writers.values():
             writer.done()
-            writer.merge()
-        report = {"resolution": self.resolution, **report, "buckets": self.buckets}
+        if self.world == 1:
+            for writer in self.writers.values():
+                writer.merge()
+        return self.buckets
+
+    def publish(self, report: dict[str, Any], buckets: dict[str, int] | None = None) -> dict[str, Any]:
+        """Rank 0, once every rank has closed: join the ranks' indexes (`buckets`: every rank's items per bucket,
+        summed), write `report` (with `resolution` and `buckets` added) inside the dataset, swap it in at
+        `<root>/<resolution>/` and rebuild `<root>/report.json`."""
+        buckets = self.buckets if buckets is None else dict(sorted(buckets.items()))
+        if self.world > 1:
+            for name in buckets:
+                merge_rank_indexes(self.tmp / name, self.world)
+        report = {"resolution": self.resolution, **report, "buckets": buckets}
         atomic_write_json(self.tmp / REPORT, report)  # the report travels inside the swap with its data
         swap_in(self.tmp, self.root / str(self.resolution))
         update_root_report(self.root)
         return report
+
+    def finish(self, report: dict[str, Any]) -> dict[str, Any]:
+        """`close` and `publish` for a writer that is the only one (a world of one)."""
+        self.close()
+        return self.publish(report)

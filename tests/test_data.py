@@ -270,8 +270,8 @@ def test_final_write_streams_one_shard_at_a_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", tracking_load)
     report = prepare(synthetic_records(12), PrepareConfig(output_dir=str(tmp_path), resolution=32, min_side=32, num_workers=1, shard_size=4), progress=False)
-    assert report["kept"] == 12 and len(held_at_load) == 3
-    assert held_at_load == [0, 0, 0]  # no earlier shard is still in memory when the next one loads
+    assert report["kept"] == 12 and len(held_at_load) == 6  # two passes: hashes (global dedup), then the write
+    assert held_at_load == [0] * 6  # no earlier shard is still in memory when the next one loads
 
 
 def test_prepared_latents_and_embeddings(tmp_path, tiny_vae):

@@ -59,15 +59,7 @@ class OvisTextEncoder(nn.Module):
         return super().train(False)
 
     def format(self, prompts: list[str]) -> list[str]:
-        return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": self.system_prompt + p}],
-                tokenize=False,
-                add_generation_prompt=True,
-                enable_thinking=False,
-            )
-            for p in prompts
-        ]
+        return format_prompts(self.tokenizer, prompts, self.system_prompt)
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(
@@ -83,13 +75,62 @@ class OvisTextEncoder(nn.Module):
     def encode(self, prompts: list[str] | str) -> torch.Tensor:
         """Prompts -> embeddings [B, max_sequence_length, hidden] (zeros on padding)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        device = next(self.model.parameters()).device
         tokens = self.tokenize(prompts)
-        input_ids = tokens.input_ids.to(device)
-        mask = tokens.attention_mask.to(device)
+        return self._embed(tokens.input_ids, tokens.attention_mask)
+
+    @torch.no_grad()
+    def encode_tokens(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Stored prompt tokens (`prompt_token_ids`, right-padded to [B, T] with their `lengths`) -> the embeddings
+        `encode` gives for the same prompts: padded exactly as `tokenize` pads (side, pad id, length)."""
+        rows = [ids[: int(n)].tolist() for ids, n in zip(token_ids.cpu(), lengths.cpu())]
+        tokens = self.tokenizer.pad({"input_ids": rows}, padding="max_length", max_length=self.max_sequence_length + self.prefix_tokens,
+                                    return_tensors="pt")
+        return self._embed(tokens["input_ids"], tokens["attention_mask"])
+
+    def _embed(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        input_ids, mask = input_ids.to(device), mask.to(device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         hidden = hidden * mask[..., None]
         return hidden[:, self.prefix_tokens :, :]
+
+
+def format_prompts(tokenizer, prompts: list[str], system_prompt: str = OVIS_SYSTEM_PROMPT) -> list[str]:
+    """The Ovis prompt template (system prompt + user prompt, Qwen3 chat template without thinking)."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": system_prompt + p}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
+        for p in prompts
+    ]
+
+
+def prompt_token_ids(tokenizer, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+                     prefix_tokens: int = OVIS_PREFIX_TOKENS) -> list[list[int]]:
+    """The token ids `OvisTextEncoder.tokenize` feeds the encoder, without the padding: what `prepare
+    --text-storage tokens` stores, so training encodes online (`encode_tokens`) without the template or tokenizer."""
+    return tokenizer(format_prompts(tokenizer, prompts), truncation=True, max_length=max_sequence_length + prefix_tokens,
+                     add_special_tokens=False)["input_ids"]
+
+
+def load_tokenizer(source: str = "tiny"):
+    """The tokenizer of a text-encoder source alone (no weights): the byte tokenizer for `tiny`, else the source's
+    `tokenizer/` subfolder (a pipeline folder or hub id)."""
+    if source == "tiny":
+        return build_byte_tokenizer()
+    if source in TEXT_ENCODER_PRESETS:
+        raise CheckpointError(f"text encoder preset '{source}' has no tokenizer offline; pass a folder with tokenizer/ "
+                              "(e.g. a local copy of AIDC-AI/Ovis-Image-7B)")
+    path = Path(source)
+    sub = "tokenizer" if (path / "tokenizer").is_dir() or not path.exists() else ""
+    try:
+        return AutoTokenizer.from_pretrained(source, subfolder=sub)
+    except OSError as err:
+        raise CheckpointError(f"{source}: could not load its tokenizer ({str(err).splitlines()[0]}); pass 'tiny', a local "
+                              "pipeline folder or a cached hub id") from None
 
 
 def build_text_encoder(

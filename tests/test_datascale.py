@@ -1,0 +1,148 @@
+"""Data preparation at cluster scale: WebDataset tars and Parquet files as inputs (written by the `webdataset` and
+`pyarrow` libraries), metadata filters, the storage plan, and sharded prepare (1 vs 2 processes, a killed shard)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_modules.prepare import PrepareConfig, main as prepare_main, prepare
+from data_modules.records import ReaderOptions
+from data_modules.sources import ParquetSource, SyntheticSource, TarSource
+from data_modules.metadata_filters import parse_filters
+from data_modules.streaming import discover_buckets
+
+
+def _png(seed: int, size=(48, 40)) -> bytes:
+    """A distinct structured picture (distinct perceptual hashes), PNG-encoded."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    a, b, c = rng.uniform(0.5, 6.0, 3)
+    pixels = np.stack([(x * a) % 256, (y * b) % 256, ((x * c + y) * 2) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _items(root: Path) -> dict[str, dict]:
+    from litdata import StreamingDataset
+
+    out = {}
+    for d in discover_buckets(str(root)):
+        ds = StreamingDataset(d)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert item["id"] not in out  # nothing duplicated
+            out[item["id"]] = {**item, "bucket": Path(d).name}
+    return out
+
+
+def _write_tars(folder: Path) -> list[Path]:
+    """Two tars by webdataset's TarWriter: good samples (caption in .txt or in .json), a corrupt image, a sample
+    without an image, metadata failing a filter; the second tar is damaged in its middle and cut short."""
+    import webdataset as wds
+
+    folder.mkdir()
+    paths = [folder / "shard-000.tar", folder / "shard-001.tar"]
+    with wds.TarWriter(str(paths[0])) as sink:
+        sink.write({"__key__": "a0", "png": _png(0), "txt": "a red gradient", "json": json.dumps({"aesthetic": 6.0}).encode()})
+        sink.write({"__key__": "a1", "png": _png(1), "json": json.dumps({"aesthetic": 5.5, "caption": "from the json"}).encode()})
+        sink.write({"__key__": "a2", "png": b"\x89PNG not really", "txt": "corrupt image", "json": b'{"aesthetic": 7}'})
+        sink.write({"__key__": "a3", "txt": "no image here", "json": b'{"aesthetic": 7}'})
+        sink.write({"__key__": "a4", "png": _png(4), "txt": "ugly", "json": b'{"aesthetic": 2.0}'})
+    with wds.TarWriter(str(paths[1])) as sink:
+        for k in range(5):
+            sink.write({"__key__": f"b{k}", "png": _png(10 + k), "txt": f"picture b{k}", "json": b'{"aesthetic": 9}'})
+    data = bytearray(paths[1].read_bytes())
+    import tarfile
+
+    with tarfile.open(paths[1]) as tar:
+        members = tar.getmembers()
+    b1 = next(m for m in members if m.name == "b1.png")
+    # Destroy every header block of b1's png (webdataset's pax header for the float mtime, then the member's own):
+    # the reader skips the region and resumes at the next valid header.
+    data[b1.offset : b1.offset_data] = b"\xff" * (b1.offset_data - b1.offset)
+    last = next(m for m in members if m.name.startswith("b4."))
+    paths[1].write_bytes(bytes(data[: last.offset_data + 100]))  # cut inside b4's first member
+    return paths
+
+
+def test_webdataset_tars_are_read_with_damage_skipped_and_counted(tmp_path, tiny_vae):
+    _write_tars(tmp_path / "tars")
+    cfg = PrepareConfig(output_dir=str(tmp_path / "out"), resolution=32, min_side=32, num_workers=1, shard_size=2,
+                        metadata_filters="aesthetic>=5")
+    source = TarSource(str(tmp_path / "tars" / "shard-{000..001}.tar"), ReaderOptions(filters=tuple(parse_filters(cfg.metadata_filters))))
+    report = prepare(source, cfg, progress=False)
+    items = _items(tmp_path / "out")
+    tar0, tar1 = (str(tmp_path / "tars" / f"shard-00{k}.tar") for k in range(2))
+    captions = {k: v["caption"] for k, v in items.items()}
+    assert captions == {f"{tar0}#a0": "a red gradient", f"{tar0}#a1": "from the json",
+                        f"{tar1}#b0": "picture b0", f"{tar1}#b2": "picture b2", f"{tar1}#b3": "picture b3"}
+    # b1: its png header is destroyed, so its remaining members (txt, json) form a sample without an image.
+    assert report["skipped"] == {"corrupt": 1, "missing_image": 2, "filter_aesthetic": 1, "tar_corrupt": 1, "tar_truncated": 1}
+    assert report["kept"] == 5 and report["inputs"] == 11  # tar 1: b0, [damage], b1 (no image), b2, b3, [cut inside b4]
+    # The decoded picture is the one in the tar: its latent equals the latent of the same picture from a file.
+    Path(tmp_path / "a0.png").write_bytes(_png(0))
+    from data_modules.records import Record
+
+    ref = prepare([Record(id="a0", caption="x", path=str(tmp_path / "a0.png"))],
+                  PrepareConfig(output_dir=str(tmp_path / "ref"), resolution=32, min_side=32, num_workers=1), progress=False)
+    assert ref["kept"] == 1
+    ref_latents = next(iter(_items(tmp_path / "ref").values()))["latents"]
+    assert torch.allclose(items[f"{tar0}#a0"]["latents"].float(), ref_latents.float(), atol=2e-3)  # batch of 2 vs 1
+
+
+def test_parquet_files_are_read_with_damage_skipped_and_counted(tmp_path, tiny_vae):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    (folder / "on_disk.png").write_bytes(_png(30))
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face's Image feature
+    table = pa.table({
+        "image": pa.array([{"bytes": _png(20), "path": None}, {"bytes": _png(21), "path": None},
+                           {"bytes": None, "path": "on_disk.png"}, {"bytes": b"garbage", "path": None},
+                           None, {"bytes": _png(22), "path": None}], type=image_type),
+        "text": ["first", "second", "third from a path", "corrupt", "no image", None],
+        "width": [512, 512, 1024, 512, 512, 512],
+    })
+    pq.write_table(table, folder / "part-0.parquet", row_group_size=4)  # two row groups: 4 + 2 rows
+    (folder / "part-1.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    opts = ReaderOptions(caption_field="text", image_field="image", filters=tuple(parse_filters("width>=256")))
+    source = ParquetSource(str(folder / "part-*.parquet"), opts)
+    assert source.count() == (7, "exact") and len(list(source.units(2))) == 3  # row groups of file 0 + file 1
+    cfg = PrepareConfig(output_dir=str(tmp_path / "out"), resolution=32, min_side=32, num_workers=1, caption_field="text")
+    report = prepare(source, cfg, progress=False)
+    pq0 = str(folder / "part-0.parquet")
+    assert {k: v["caption"] for k, v in _items(tmp_path / "out").items()} == {
+        f"{pq0}#0:0": "first", f"{pq0}#0:1": "second", f"{pq0}#0:2": "third from a path"}
+    assert report["skipped"] == {"corrupt": 1, "missing_image": 1, "missing_caption": 1, "parquet_unreadable": 1}
+    assert report["inputs"] == 7
+
+
+def test_metadata_filters_parse_and_reject_bad_terms():
+    from lit_ovis.errors import ConfigError
+
+    f = parse_filters("aesthetic>=5, punsafe<0.5,status==success")
+    from data_modules.metadata_filters import filter_reason
+
+    assert filter_reason(f, {"aesthetic": 5, "punsafe": 0.1, "status": "success"}) is None
+    assert filter_reason(f, {"aesthetic": 4.9, "punsafe": 0.1, "status": "success"}) == "filter_aesthetic"
+    assert filter_reason(f, {"aesthetic": 6, "status": "success"}) == "missing_punsafe"
+    assert filter_reason(f, {"aesthetic": 6, "punsafe": float("nan"), "status": "success"}) == "missing_punsafe"
+    with pytest.raises(ConfigError, match="--metadata-filters"):
+        parse_filters("aesthetic>>5")
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_filters("aesthetic>=high")
