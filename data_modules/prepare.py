@@ -473,10 +473,12 @@ def _prepare(source: Source, cfg: PrepareConfig, progress: bool, spec: ShardSpec
         described, refusal = on_rank0(col, plan, "project the output size")
         if col.rank == 0 and (progress or cfg.plan_only):
             print(described, file=sys.stderr)
+        if cfg.plan_only:
+            if col.rank == 0 and refusal:
+                print(f"a run would stop here: {refusal}", file=sys.stderr)
+            return {"plan": described, "fits": refusal is None}
         if refusal:
             raise DataError(refusal)
-        if cfg.plan_only:
-            return {"plan": described}
 
     units = list(source.units(cfg.shard_size))
     keys = everywhere(col, lambda: [unit_key(u, cfg) for u in owned(units, col.rank, col.world)], "list the inputs")

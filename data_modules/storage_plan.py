@@ -2,12 +2,13 @@
 
 Per sample (at most; the storage dtype, fp16 by default, sets the bytes per value):
 - latents: 16 channels x (W/8) x (H/8) of the largest bucket of the target area (about resolution^2 / 64 values);
-- text, by `--text-storage`: `embeddings` stores up to `max_sequence_length` x hidden-size values (trimmed to the
-  caption's tokens on disk, so this is the bound, reached by captions of the full length); `tokens` stores up to
-  `max_sequence_length` + the template's prefix int32 token ids; `captions` stores the text alone.
+- text: with `--text-encoder` (`embeddings`), up to `max_sequence_length` x hidden-size values (trimmed to the
+  caption's tokens on disk, so this is the bound, reached by captions of the full length); without it
+  (`captions`), the caption text alone, which training encodes online (`OvisBaseModule.embed_prompts`);
+  `tokens` (int32 ids of the templated prompt) is priced for comparison.
 The restart cache (`<root>/_work/`) holds the same tensors until the merge has written the dataset, so a run
-needs up to twice the dataset while it works (less what the cache already holds) unless the dataset is
-replaced in place later; `--keep-work false` frees the cache after a successful merge.
+needs up to twice the dataset while it works (less what the cache already holds); `--keep-work false` frees the
+cache once the dataset is written.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class StoragePlan:
     def refusal(self, output_dir: str) -> str | None:
         if self.needed <= self.free:
             return None
-        hint = " or store caption tokens and encode them in training (--text-storage tokens)" if self.text_storage == "embeddings" else ""
+        hint = (", or store captions only and let training encode them online (leave out --text-encoder)"
+                if self.text_storage == "embeddings" else "")
         return (f"--output-dir {output_dir}: this prepare needs up to {human(self.needed)} ({human(self.dataset)} dataset + its restart "
                 f"cache) but {human(self.free)} is free; free space, choose another --output-dir{hint}")
 

@@ -146,3 +146,96 @@ def test_metadata_filters_parse_and_reject_bad_terms():
         parse_filters("aesthetic>>5")
     with pytest.raises(ConfigError, match="not a number"):
         parse_filters("aesthetic>=high")
+
+
+# ------------------------------------------------------------------------------------------ storage plan
+def test_storage_plan_is_printed_and_a_prepare_that_does_not_fit_is_refused(tmp_path, capsys, monkeypatch):
+    from data_modules import storage_plan
+
+    out = str(tmp_path / "out")
+    assert prepare_main(["--synthetic", "1000000", "--output-dir", out, "--resolution", "1024", "--plan-only", "true",
+                         "--text-encoder", "ovis2.5-2b"]) == 0
+    line = next(t for t in capsys.readouterr().err.splitlines() if t.startswith("prepare 1024:"))
+    # 1024^2 bucket latents: 16 x 128 x 128 fp16 = 512 KiB; Qwen3 embeddings 256 x 2048 fp16 = 1 MiB per sample.
+    assert "1,000,000 inputs (exact)" in line and "latents 488.3 GiB" in line and "text embeddings 976.6 GiB" in line
+    monkeypatch.setattr(storage_plan, "free_bytes", lambda path: 10 << 30)
+    assert prepare_main(["--synthetic", "100000", "--output-dir", out, "--resolution", "1024", "--text-encoder", "ovis2.5-2b"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: --output-dir {out}: this prepare needs up to") and "leave out --text-encoder" in err[-1]
+    assert not Path(out, "_work", "1024").exists() or not any(Path(out, "_work", "1024").iterdir())  # refused before any work
+
+
+# ------------------------------------------------------------------------------------------ sharded prepare
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_ARRAY_TASK_ID")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
+
+
+def _picture_folder(folder: Path) -> None:
+    """Six distinct pictures and a copy of the first one at the end: with two records per unit the copy is in the
+    last unit, which the other rank owns, so removing it needs the global (cross-shard) dedup."""
+    folder.mkdir()
+    for k in range(6):
+        (folder / f"a{k}.png").write_bytes(_png(40 + k, size=(48 + 8 * (k % 3), 40)))
+        (folder / f"a{k}.txt").write_text(f"picture {k}")
+    (folder / "z_copy.png").write_bytes(_png(40))
+    (folder / "z_copy.txt").write_text("a copy of picture 0")
+
+
+def test_two_process_prepare_equals_one_process(tmp_path):
+    _picture_folder(tmp_path / "imgs")
+    common = ["--image-dir", str(tmp_path / "imgs"), "--resolution", "32", "--min-side", "32", "--num-workers", "1",
+              "--shard-size", "2", "--min-aspect", "0.5", "--max-aspect", "2"]
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "data_modules.prepare", *common, "--output-dir", str(tmp_path / "two")],
+                              env=_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    assert prepare_main([*common, "--output-dir", str(tmp_path / "one")]) == 0
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    one, two = _items(tmp_path / "one"), _items(tmp_path / "two")
+    assert len(one) == 6 and set(one) == set(two)  # the copy of picture 0 is dropped in both
+    for key, item in one.items():
+        assert item["bucket"] == two[key]["bucket"] and item["caption"] == two[key]["caption"]
+        assert torch.equal(item["latents"], two[key]["latents"])
+    reports = [json.loads((tmp_path / d / "32" / "report.json").read_text()) for d in ("one", "two")]
+    assert reports[0]["skipped"] == reports[1]["skipped"] == {"duplicate": 1} and reports[1]["ranks"] == 2
+    assert reports[0]["buckets"] == reports[1]["buckets"]
+    # Both ranks wrote chunks; LitData's merge joined their indexes.
+    assert {f.name.split("-")[1] for f in (tmp_path / "two" / "32").glob("*/chunk-*.bin")} == {"0", "1"}
+
+
+def test_a_shard_killed_mid_way_and_rerun_loses_and_duplicates_nothing(tmp_path):
+    out = tmp_path / "out"
+    args = ["--synthetic", "12", "--output-dir", str(out), "--resolution", "32", "--min-side", "16", "--num-workers", "1",
+            "--shard-size", "1", "--num-shards", "2"]
+    work = out / "_work" / "32"
+    proc = subprocess.Popen([sys.executable, "-m", "data_modules.prepare", *args, "--shard-index", "0"], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("*.pt"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(work.glob("*.pt")))
+    assert 2 <= done_before < 6  # killed mid-way through its 6 units
+    rerun = prepare(SyntheticSource(12), PrepareConfig(**_cfg(out), num_shards=2, shard_index=0), progress=False)
+    assert rerun["reused_shards"] == done_before and rerun["processed_this_run"] == 6 - done_before
+    assert prepare_main([*args, "--shard-index", "1"]) == 0
+    assert prepare_main([*args, "--merge", "true"]) == 0
+    ids = sorted(_items(out))
+    assert ids == [f"syn-{i:08d}" for i in range(12)]  # every sample once
+    report = json.loads((out / "32" / "report.json").read_text())
+    assert report["inputs"] == report["kept"] == 12
+
+
+def _cfg(out: Path) -> dict:
+    return dict(output_dir=str(out), resolution=32, min_side=16, num_workers=1, shard_size=1)
