@@ -559,11 +559,23 @@ def _clean_work(work: Path, paths: list[Path], out: Path, keep: bool) -> None:
         legacy.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="lit-ovis prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_options(p, containers=True)
     add_options(p, PrepareConfig)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_config(argv: list[str]) -> tuple[argparse.Namespace, PrepareConfig]:
+    """Options and settings of a prepare command line, checked (bad options exit with one line; ConfigError)."""
+    args = build_parser().parse_args(argv)
+    cfg = from_options(PrepareConfig, args)
+    cfg.check()
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = from_options(PrepareConfig, args)
     try:
         cfg.check()  # before reading inputs: --caption-encoding decides how captions are read

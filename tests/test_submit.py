@@ -98,3 +98,31 @@ def test_submit_writes_the_script_and_calls_sbatch(capsys, monkeypatch, tmp_path
     assert calls == [["sbatch", "--parsable", str(path)]]
     assert capsys.readouterr().out.strip().endswith("4242")
     assert re.search(r"--model\.parallel\.data_parallel_replicate 2\b", path.read_text())
+
+
+def test_prepare_job_is_one_gloo_group_of_srun_tasks(capsys):
+    script = dry_run(capsys, "--prepare", "--nodes", "2", "--gpus-per-node", "4", "--", "--tar", "s3://b/{000..009}.tar",
+                     "--output-dir", "/shared/out", "--resolution", "512")
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script and "#SBATCH --gpus-per-node=4" in script
+    assert "export MASTER_ADDR=" in script and "export MASTER_PORT=" in script  # ranks.py groups srun tasks with these
+    line = next(l for l in script.splitlines() if l.startswith("srun "))
+    assert shlex.split(line)[3:] == ["-m", "data_modules.prepare", "--tar", "s3://b/{000..009}.tar", "--output-dir", "/shared/out",
+                                     "--resolution", "512"]
+
+
+def test_prepare_array_then_merge_after_it(capsys, monkeypatch, tmp_path):
+    class Done:
+        def __init__(self, out):
+            self.returncode, self.stdout, self.stderr = 0, out, ""
+
+    calls = []
+    monkeypatch.setattr(submit.shutil, "which", lambda name: "/usr/bin/sbatch")
+    monkeypatch.setattr(submit.subprocess, "run", lambda cmd, **k: calls.append(cmd) or Done(f"{100 + len(calls)}\n"))
+    assert submit.main(["--prepare", "--array", "16", "--log-dir", str(tmp_path), "--", "--synthetic", "64", "--output-dir", "o"]) == 0
+    shards, merge = (tmp_path / "lit-ovis-shards.sbatch").read_text(), (tmp_path / "lit-ovis-merge.sbatch").read_text()
+    assert "#SBATCH --array=0-15" in shards and "#SBATCH --gpus-per-node=1" in shards and "--merge" not in shards
+    assert merge.rstrip().endswith("--output-dir o --merge true") and "--array" not in merge
+    assert calls[1][:3] == ["sbatch", "--parsable", "--dependency=afterok:101"] and capsys.readouterr().out.split() == ["101", "102"]
+    # Bad prepare options fail here, before anything is queued.
+    assert submit.main(["--prepare", "--dry-run", "--", "--synthetic", "4", "--output-dir", "o", "--resolution", "20"]) == 2
+    assert "--resolution must be a positive multiple of 16" in capsys.readouterr().err
