@@ -90,7 +90,12 @@ class PrepareConfig:
     text_encoder: str | None = None
     """Precompute prompt embeddings with this encoder (preset, folder or hub id); unset: store captions only."""
     max_sequence_length: int = 256
-    """Text-encoder length of the precomputed embeddings."""
+    """Text-encoder length of the precomputed embeddings (or stored caption tokens)."""
+    text_storage: str | None = None
+    """What is stored for each caption besides its text: "embeddings" (precomputed with --text-encoder), "tokens"
+    (the templated prompt's token ids from --text-encoder's tokenizer, about 1/1000 of the embeddings' size:
+    training encodes them online), or "captions" (text only, encoded online). Unset: embeddings with
+    --text-encoder, else captions."""
     storage_dtype: str = "float16"
     """torch dtype name of the latents / embeddings on disk."""
     device: str = "auto"
@@ -141,10 +146,24 @@ class PrepareConfig:
             raise ConfigError(f"--shard-size and --batch-size must be >= 1 (got {self.shard_size}, {self.batch_size})")
         if not 0 < self.min_aspect <= 1 <= self.max_aspect:
             raise ConfigError(f"--min-aspect/--max-aspect must satisfy 0 < min <= 1 <= max (got {self.min_aspect}, {self.max_aspect})")
+        if self.text_storage not in (None, *TEXT_STORAGE):
+            raise ConfigError(f"--text-storage must be one of {', '.join(TEXT_STORAGE)} (got {self.text_storage})")
+        if self.text_storage in ("embeddings", "tokens") and not self.text_encoder:
+            raise ConfigError(f"--text-storage {self.text_storage} needs --text-encoder (whose {'weights' if self.text_storage == 'embeddings' else 'tokenizer'} "
+                              "it uses); pass e.g. --text-encoder tiny or a pipeline folder, or --text-storage captions")
         try:
             codecs.lookup(self.caption_encoding)
         except LookupError:
             raise ConfigError(f"--caption-encoding: unknown encoding '{self.caption_encoding}'; use e.g. utf-8, gb18030, latin-1") from None
+
+
+    @property
+    def stored_text(self) -> str:
+        """The resolved --text-storage."""
+        return self.text_storage or ("embeddings" if self.text_encoder else "captions")
+
+
+TEXT_STORAGE = ("embeddings", "tokens", "captions")
 
 
 # ------------------------------------------------------------------------------------ per-record work
@@ -211,11 +230,16 @@ class Encoders:
             self.device = torch.device(cfg.device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.vae = build_vae(cfg.vae, dtype=dtype).to(self.device)
-        self.text_encoder = None
-        if cfg.text_encoder:
+        self.text_encoder = self.tokenizer = None
+        if cfg.stored_text == "embeddings":
             from lit_ovis.models.text_encoder import build_text_encoder
 
             self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.max_sequence_length, dtype=dtype).to(self.device)
+        elif cfg.stored_text == "tokens":
+            from lit_ovis.models.text_encoder import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.text_encoder)  # no weights: the tokenizer alone
+        self.max_sequence_length = cfg.max_sequence_length
         self.batch_size = cfg.batch_size
         self.storage = getattr(torch, cfg.storage_dtype)
 
@@ -237,6 +261,12 @@ class Encoders:
             out.extend(trim_embeddings(e).to(self.storage) for e in embeds)
         return out
 
+    def encode_tokens(self, captions: list[str]) -> list[torch.Tensor]:
+        """The token ids the text encoder reads for each caption (template included, unpadded), int32."""
+        from lit_ovis.models.text_encoder import prompt_token_ids
+
+        return [torch.tensor(ids, dtype=torch.int32) for ids in prompt_token_ids(self.tokenizer, captions, self.max_sequence_length)]
+
 
 # ------------------------------------------------------------------------------------------ shards
 def _record_identity(r: Record) -> list:
@@ -256,9 +286,16 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:32]
 
 
+def _record_fields(cfg: PrepareConfig) -> dict:
+    fields = {k: getattr(cfg, k) for k in RECORD_FIELDS}
+    if cfg.stored_text == "tokens":  # only then: the keys of every earlier cache stay valid
+        fields["text_storage"] = "tokens"
+    return fields
+
+
 def shard_keys(records: list[Record], cfg: PrepareConfig) -> list[str]:
     """Cache key of each input shard: its records and every config field that changes their output."""
-    fields = {k: getattr(cfg, k) for k in RECORD_FIELDS}
+    fields = _record_fields(cfg)
     return [_digest([FORMAT, fields, [_record_identity(r) for r in records[i : i + cfg.shard_size]]])
             for i in range(0, len(records), cfg.shard_size)]
 
@@ -270,7 +307,7 @@ READER_FIELDS = ("caption_field", "image_field", "metadata_filters", "caption_en
 def unit_key(unit: Unit, cfg: PrepareConfig) -> str:
     """Cache key of a unit: a list unit by its records' content (`shard_keys`), a container unit by the file's
     identity (URL, size, version) and the settings that change what it yields."""
-    fields = {k: getattr(cfg, k) for k in RECORD_FIELDS}
+    fields = _record_fields(cfg)
     if unit.records is not None:
         return _digest([FORMAT, fields, [_record_identity(r) for r in unit.records]])
     return _digest([FORMAT, fields, {k: getattr(cfg, k) for k in READER_FIELDS}, unit.identity])
@@ -299,7 +336,8 @@ def _run_shard(records: list[Record], cfg: PrepareConfig, buckets, encoders: Enc
     for bucket, group in by_bucket.items():
         latents = encoders.encode_images([s["pixels"] for s in group])
         embeds = encoders.encode_texts([s["caption"] for s in group]) if encoders.text_encoder is not None else [None] * len(group)
-        for s, z, e in zip(group, latents, embeds):
+        tokens = encoders.encode_tokens([s["caption"] for s in group]) if encoders.tokenizer is not None else [None] * len(group)
+        for s, z, e, t in zip(group, latents, embeds, tokens):
             # Every stored tensor is finite (an overflow in fp16 storage, a VAE/encoder NaN): else skip it here.
             bad = next((name for name, t in (("latents", z), ("prompt_embeds", e)) if t is not None and not torch.isfinite(t).all()), None)
             if bad:
@@ -307,6 +345,8 @@ def _run_shard(records: list[Record], cfg: PrepareConfig, buckets, encoders: Enc
                 continue
             s = {k: v for k, v in s.items() if k not in ("pixels", "converted")}
             s["latents"], s["prompt_embeds"] = z, e
+            if t is not None:
+                s["prompt_token_ids"] = t
             samples.append(s)
     order = {r.id: i for i, r in enumerate(records)}
     samples.sort(key=lambda s: order[s["id"]])  # deterministic order independent of bucket grouping
@@ -414,13 +454,15 @@ def _write_shard(writer: BucketedWriter, shard: dict, unit: int, part: int, drop
         item = {key: s[key] for key in ("id", "caption", "language", "target_text", "latents")}
         if s["prompt_embeds"] is not None:
             item["prompt_embeds"] = s["prompt_embeds"]
+        if "prompt_token_ids" in s:
+            item["prompt_token_ids"] = s["prompt_token_ids"]
         writer.add(s["bucket"], item)
 
 
 def _storage_plan(source: Source, cfg: PrepareConfig, work: Path) -> storage_plan.StoragePlan:
     samples, counted = source.count()
     hidden, _ = storage_plan.text_encoder_hidden_size(cfg.text_encoder)
-    text_storage = "embeddings" if cfg.text_encoder else "captions"
+    text_storage = cfg.stored_text
     cached = sum(1 for _ in work.glob("*.pt")) * cfg.shard_size if work.is_dir() else 0
     return storage_plan.StoragePlan(
         samples=samples or 0, counted=counted,
@@ -529,7 +571,8 @@ def _prepare(source: Source, cfg: PrepareConfig, progress: bool, spec: ShardSpec
             "kept": sum(total.values()),
             "skipped": dedup["skipped"],
             "converted": dedup["converted"],
-            "has_prompt_embeds": bool(cfg.text_encoder),
+            "has_prompt_embeds": cfg.stored_text == "embeddings",
+            "text_storage": cfg.stored_text,
             "fingerprint": fingerprint,
             "shards": len(keys),
             "ranks": col.world,

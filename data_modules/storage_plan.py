@@ -2,10 +2,10 @@
 
 Per sample (at most; the storage dtype, fp16 by default, sets the bytes per value):
 - latents: 16 channels x (W/8) x (H/8) of the largest bucket of the target area (about resolution^2 / 64 values);
-- text: with `--text-encoder` (`embeddings`), up to `max_sequence_length` x hidden-size values (trimmed to the
-  caption's tokens on disk, so this is the bound, reached by captions of the full length); without it
-  (`captions`), the caption text alone, which training encodes online (`OvisBaseModule.embed_prompts`);
-  `tokens` (int32 ids of the templated prompt) is priced for comparison.
+- text, by `--text-storage`: `embeddings` stores up to `max_sequence_length` x hidden-size values (trimmed to the
+  caption's tokens on disk, so this is the bound, reached by captions of the full length); `tokens` stores up to
+  `max_sequence_length` + the template's prefix int32 token ids; `captions` stores the text alone (not counted).
+  With tokens or captions, training encodes the text online (`OvisBaseModule.embed_prompts`).
 The restart cache (`<root>/_work/`) holds the same tensors until the merge has written the dataset, so a run
 needs up to twice the dataset while it works (less what the cache already holds); `--keep-work false` frees the
 cache once the dataset is written.
@@ -105,7 +105,7 @@ class StoragePlan:
     def refusal(self, output_dir: str) -> str | None:
         if self.needed <= self.free:
             return None
-        hint = (", or store captions only and let training encode them online (leave out --text-encoder)"
+        hint = (", or store caption tokens and let training encode them online (--text-storage tokens)"
                 if self.text_storage == "embeddings" else "")
         return (f"--output-dir {output_dir}: this prepare needs up to {human(self.needed)} ({human(self.dataset)} dataset + its restart "
                 f"cache) but {human(self.free)} is free; free space, choose another --output-dir{hint}")

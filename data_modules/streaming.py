@@ -67,6 +67,7 @@ from lit_ovis.files import is_remote
 log = logging.getLogger(__name__)
 
 LATENT_KEYS = ("latents", "latents_w", "latents_l")
+TOKEN_KEY = "prompt_token_ids"
 VAL_EPOCH = -1  # sampler keys with this epoch are validation / predict items: no training progress
 
 
@@ -302,6 +303,10 @@ class BucketedLatents(Dataset):
                 return None, f"wrong_shape:{key}"
             if key == "prompt_embeds" and value.ndim != 2:
                 return None, f"wrong_shape:{key}"
+            if key == TOKEN_KEY:  # caption tokens (prepare --text-storage tokens): ids, encoded online in training
+                if value.ndim != 1 or value.is_floating_point() or (len(value) and int(value.min()) < 0):
+                    return None, f"wrong_shape:{key}"
+                continue
             # collate needs float32 anyway; one sum is far cheaper than an elementwise isfinite on fp16
             # on CPU, and any NaN/Inf makes it non-finite (fp16 values cannot overflow a float32 sum).
             item[key] = value = value.float()
@@ -348,6 +353,12 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         for k, x in enumerate(items):
             embeds[k, : x["prompt_embeds"].shape[0]] = x["prompt_embeds"].float()
         out["prompt_embeds"] = embeds
+    elif all(TOKEN_KEY in x for x in items):  # right-padded ids + lengths: OvisTextEncoder.encode_tokens re-pads them
+        lengths = torch.tensor([len(x[TOKEN_KEY]) for x in items])
+        tokens = torch.zeros(len(items), int(lengths.max()), dtype=torch.long)
+        for k, x in enumerate(items):
+            tokens[k, : len(x[TOKEN_KEY])] = x[TOKEN_KEY].long()
+        out[TOKEN_KEY], out["prompt_token_lengths"] = tokens, lengths
     return out
 
 

@@ -161,7 +161,7 @@ def test_storage_plan_is_printed_and_a_prepare_that_does_not_fit_is_refused(tmp_
     monkeypatch.setattr(storage_plan, "free_bytes", lambda path: 10 << 30)
     assert prepare_main(["--synthetic", "100000", "--output-dir", out, "--resolution", "1024", "--text-encoder", "ovis2.5-2b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: --output-dir {out}: this prepare needs up to") and "leave out --text-encoder" in err[-1]
+    assert err[-1].startswith(f"error: --output-dir {out}: this prepare needs up to") and "--text-storage tokens" in err[-1]
     assert not Path(out, "_work", "1024").exists() or not any(Path(out, "_work", "1024").iterdir())  # refused before any work
 
 
@@ -239,3 +239,26 @@ def test_a_shard_killed_mid_way_and_rerun_loses_and_duplicates_nothing(tmp_path)
 
 def _cfg(out: Path) -> dict:
     return dict(output_dir=str(out), resolution=32, min_side=16, num_workers=1, shard_size=1)
+
+
+# ------------------------------------------------------------------------------------------ caption tokens
+def test_caption_tokens_are_stored_and_encoded_online_like_the_captions(tmp_path):
+    from types import SimpleNamespace
+
+    from data_modules.streaming import collate
+    from lit_ovis.models.text_encoder import build_text_encoder
+    from lit_ovis.modules.base import OvisBaseModule
+
+    out = tmp_path / "out"
+    report = prepare(SyntheticSource(3), PrepareConfig(**_cfg(out), text_encoder="tiny", text_storage="tokens", max_sequence_length=32),
+                     progress=False)
+    items = list(_items(out).values())
+    assert report["text_storage"] == "tokens" and not report["has_prompt_embeds"]
+    assert all("prompt_embeds" not in x and x["prompt_token_ids"].dtype == torch.int32 for x in items)
+    batch = collate([{k: v for k, v in x.items() if k != "latents"} for x in items])  # several buckets: no latents
+    encoder = build_text_encoder("tiny", 32)
+    module = SimpleNamespace(encoders_cfg=SimpleNamespace(max_sequence_length=32), text_encoder=encoder,
+                             device=torch.device("cpu"), compute_dtype=torch.float32)
+    online = OvisBaseModule.embed_prompts(module, batch)
+    assert online.shape == (3, 32, encoder.model.config.hidden_size)
+    assert torch.allclose(online, encoder.encode(batch["captions"]), atol=1e-5)  # the same as encoding the captions

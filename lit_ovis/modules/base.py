@@ -186,9 +186,12 @@ class OvisBaseModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ text / ids
     def embed_prompts(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Prompt embeddings [B, L, D]: precomputed ones zero-padded to the encoder length, else encoded now."""
+        """Prompt embeddings [B, L, D]: precomputed ones zero-padded to the encoder length, else encoded now (from
+        stored caption tokens, else from the captions)."""
         length = self.encoders_cfg.max_sequence_length
         embeds = batch.get("prompt_embeds")
+        if embeds is None and batch.get("prompt_token_ids") is not None:  # caption tokens stored by prepare: encode online
+            return self.text_encoder.encode_tokens(batch["prompt_token_ids"], batch["prompt_token_lengths"]).to(self.device, self.compute_dtype)
         if embeds is None:
             return self.text_encoder.encode(batch["captions"]).to(self.device, self.compute_dtype)
         embeds = embeds[:, :length]
