@@ -9,7 +9,7 @@ VERBS = {
     "fit": ("lit_ovis.cli.lightning_cli", "train (same as python main.py fit)"),
     "validate": ("lit_ovis.cli.lightning_cli", "validate a checkpoint"),
     "predict": ("lit_ovis.cli.lightning_cli", "write PNGs for a prompt file"),
-    "prepare": ("data_modules.prepare", "images / manifest / synthetic engine -> bucketed LitData latents"),
+    "prepare": ("data_modules.prepare", "images / manifest / tars / Parquet / synthetic engine -> bucketed LitData latents (sharded over GPUs and nodes)"),
     "export": ("lit_ovis.cli.export", "training checkpoint -> diffusers OvisImagePipeline folder"),
     "eval": ("lit_ovis.cli.eval", "generate + score a prompt set; JSON metrics and HTML gallery"),
     "make-pairs": ("data_modules.make_pairs", "build DPO preference pairs with a scorer ensemble"),
