@@ -1,19 +1,26 @@
-"""`lit-ovis prepare`: images + captions (folder, manifest, or the synthetic engine) -> one LitData
-dataset per aspect-ratio bucket of VAE latents (and optionally text embeddings), plus reports.
+"""`lit-ovis prepare`: images + captions (folder, manifest, WebDataset tars, Parquet files, or the synthetic engine)
+-> one LitData dataset per aspect-ratio bucket of VAE latents (and optionally text embeddings or caption tokens),
+plus reports.
 
-Steps: decode and validate -> filter (min side, aspect ratio, captions) -> perceptual hash -> bucket for
-the target area -> resize + centre-crop -> VAE-encode in batches -> (text-encode) -> near-duplicate
-removal (pHash Hamming distance <= --dedup-threshold, first copy kept) -> write.
+Steps: decode and validate -> filter (metadata, min side, aspect ratio, captions) -> perceptual hash -> bucket
+for the target area -> resize + centre-crop -> VAE-encode in batches -> (text-encode / tokenize) -> near-duplicate
+removal (pHash Hamming distance <= --dedup-threshold, first copy kept, across all shards) -> write.
 
 Several resolutions share one --output-dir (`<out>/<resolution>/<WxH>/`, see data_modules/layout.py).
 
-Restartable and cache-correct: inputs are processed in fixed shards; each finished shard is saved
-atomically as `<out>/_work/<resolution>/<key>.pt`, where the key is a hash of the shard's records
-(ids, captions, file sizes and mtimes) and of every config field that changes a record's output
-(resolution, filters, VAE, text encoder, storage dtype, synthetic seed). A rerun after a kill reuses
-finished shards and never duplicates samples; changed inputs or settings get new keys and are redone.
-The final write streams the shards one at a time into the bucket datasets. A rerun whose inputs and
-settings are unchanged (same fingerprint in `<out>/<resolution>/report.json`) does nothing.
+Inputs are an ordered list of units (data_modules/sources.py: `--shard-size` records of a list source, one tar,
+one Parquet row group). Restartable and cache-correct: each finished unit is saved atomically as
+`<out>/_work/<resolution>/<key>.pt` (a container's parts as `<key>-<k>.pt`), where the key is a hash of the
+unit's records (ids, captions, file sizes and mtimes) or of the container file's identity, and of every config
+field that changes a record's output (resolution, filters, VAE, text encoder, storage dtype, synthetic seed). A
+rerun after a kill reuses finished units and never duplicates samples; changed inputs or settings get new keys
+and are redone. A rerun whose inputs and settings are unchanged (same fingerprint in
+`<out>/<resolution>/report.json`) does nothing.
+
+Sharded (data_modules/ranks.py): rank r of W encodes units r, r + W, ...; rank 0 then reads every unit's hashes
+in input order (global near-duplicate removal, the same result as one process), every rank writes its own units'
+kept samples, and LitData's merge joins the ranks' indexes. A split without a process group (--num-shards /
+--shard-index, a SLURM array) stops after encoding; `--merge true` writes the dataset afterwards.
 """
 
 from __future__ import annotations
