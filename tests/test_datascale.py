@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -174,9 +173,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_ARRAY_TASK_ID")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
+def _forked(argv: list[str], **env: str):
+    """`lit-ovis prepare argv` in a forked child with `env` added: a real separate process (its own gloo rank, killable)
+    without a fresh interpreter's start-up (torch and diffusers are imported already), as DataLoader workers do."""
+    import multiprocessing
+
+    def run() -> None:
+        torch.set_num_threads(1)  # the parent's OpenMP thread team does not survive a fork: never start one here
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_ARRAY_TASK_ID"):
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        sys.exit(prepare_main(argv))
+
+    proc = multiprocessing.get_context("fork").Process(target=run)
+    proc.start()
+    return proc
 
 
 def _picture_folder(folder: Path) -> None:
@@ -195,12 +206,12 @@ def test_two_process_prepare_equals_one_process(tmp_path):
     common = ["--image-dir", str(tmp_path / "imgs"), "--resolution", "32", "--min-side", "32", "--num-workers", "1",
               "--shard-size", "2", "--min-aspect", "0.5", "--max-aspect", "2"]
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "data_modules.prepare", *common, "--output-dir", str(tmp_path / "two")],
-                              env=_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [_forked([*common, "--output-dir", str(tmp_path / "two")], RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port) for r in range(2)]
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
     assert prepare_main([*common, "--output-dir", str(tmp_path / "one")]) == 0
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
     one, two = _items(tmp_path / "one"), _items(tmp_path / "two")
     assert len(one) == 6 and set(one) == set(two)  # the copy of picture 0 is dropped in both
     for key, item in one.items():
@@ -218,13 +229,13 @@ def test_a_shard_killed_mid_way_and_rerun_loses_and_duplicates_nothing(tmp_path)
     args = ["--synthetic", "12", "--output-dir", str(out), "--resolution", "32", "--min-side", "16", "--num-workers", "1",
             "--shard-size", "1", "--num-shards", "2"]
     work = out / "_work" / "32"
-    proc = subprocess.Popen([sys.executable, "-m", "data_modules.prepare", *args, "--shard-index", "0"], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _forked([*args, "--shard-index", "0"])
     deadline = time.time() + 120
     while time.time() < deadline and len(list(work.glob("*.pt"))) < 2:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     done_before = len(list(work.glob("*.pt")))
     assert 2 <= done_before < 6  # killed mid-way through its 6 units
     rerun = prepare(SyntheticSource(12), PrepareConfig(**_cfg(out), num_shards=2, shard_index=0), progress=False)
