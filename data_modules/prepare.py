@@ -393,7 +393,37 @@ def _prepare_unit(unit: Unit, path: Path, cfg: PrepareConfig, buckets, encoders:
     return processed
 
 
-def _encode_owned(units: list[Unit], paths: list[Path], spec: ShardSpec, cfg: PrepareConfig, buckets, progress: bool) -> tuple[int, int]:
+def _listing(source: Source, cfg: PrepareConfig, col: Collective) -> tuple[list[Unit], list[str]]:
+    """Every unit of the input, without its records (a list unit is read again when it is encoded, so a manifest is
+    streamed, never held whole), and the keys of this rank's units (each rank hashes its share)."""
+    units, keys = [], []
+    for u in source.units(cfg.shard_size):
+        if u.index % col.world == col.rank:
+            keys.append(unit_key(u, cfg))
+        units.append(u if u.records is None else Unit(u.index, u.name, size=u.size))
+    return units, keys
+
+
+def _reread(source: Source, units: list[Unit], todo: list[int], keys: list[str], cfg: PrepareConfig) -> Iterator[Unit]:
+    """The units `todo` with their records: containers as listed, list units read again (and checked against
+    their listed key) in one pass that stops after the last one needed."""
+    if all(units[i].opener is not None for i in todo):
+        yield from (units[i] for i in todo)
+        return
+    remaining = set(todo)
+    for u in source.units(cfg.shard_size):
+        if u.index not in remaining:
+            continue
+        if u.records is not None and unit_key(u, cfg) != keys[u.index]:
+            raise DataError(f"{u.name}: the input changed while prepare was running (these records differ from the listing); rerun prepare")
+        remaining.discard(u.index)
+        yield u
+        if not remaining:
+            return
+
+
+def _encode_owned(source: Source, units: list[Unit], keys: list[str], paths: list[Path], spec: ShardSpec, cfg: PrepareConfig,
+                  buckets, progress: bool) -> tuple[int, int]:
     """Encode this shard's units that have no cache yet; (records processed, units reused)."""
     mine = [u for u in owned(units, spec.index, spec.count)]
     todo = [u for u in mine if not paths[u.index].exists()]
@@ -412,7 +442,7 @@ def _encode_owned(units: list[Unit], paths: list[Path], spec: ShardSpec, cfg: Pr
         total = sum(u.size for u in todo) if all(u.size is not None for u in todo) else None
         desc = f"prepare {cfg.resolution}" + (f" {spec.describe()}" if spec.count > 1 else "")
         with tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
-            for u in todo:
+            for u in _reread(source, units, [u.index for u in todo], keys, cfg):
                 processed += _prepare_unit(u, paths[u.index], cfg, buckets, encoders, pool, bar)
     finally:
         if pool is not None:
@@ -529,8 +559,15 @@ def _prepare(source: Source, cfg: PrepareConfig, progress: bool, spec: ShardSpec
         if refusal:
             raise DataError(refusal)
 
-    units = list(source.units(cfg.shard_size))
-    keys = everywhere(col, lambda: [unit_key(u, cfg) for u in owned(units, col.rank, col.world)], "list the inputs")
+    listed: list[list[Unit]] = []
+
+    def listing() -> list[str]:
+        units, keys = _listing(source, cfg, col)
+        listed.append(units)
+        return keys
+
+    keys = everywhere(col, listing, "list the inputs")
+    units = listed[0]
     keys = [keys[u.index % col.world][u.index // col.world] for u in units]  # every rank's keys, in unit order
     fingerprint = dataset_fingerprint(keys, cfg)
     done = read_json(final / REPORT)
@@ -544,7 +581,7 @@ def _prepare(source: Source, cfg: PrepareConfig, progress: bool, spec: ShardSpec
     start = time.perf_counter()
     processed, reused = 0, 0
     if not cfg.merge:
-        processed, reused = _encode_owned(units, paths, spec, cfg, buckets, progress)
+        processed, reused = _encode_owned(source, units, keys, paths, spec, cfg, buckets, progress)
     if not spec.grouped and spec.count > 1:  # one shard of a split: the merge run writes the dataset
         mine = [u for u in owned(units, spec.index, spec.count)]
         return {"resolution": cfg.resolution, "shard": spec.describe(), "units": len(mine), "inputs_listed": len(units),
