@@ -184,11 +184,14 @@ class TarSource(Source):
         without stats are estimated from the first one's samples per byte (it is read once), and said so."""
         from data_modules.webdataset_tars import count_tar_samples
 
+        damaged: list[str] = []
+
         def scan(fs, path) -> int:
             try:
                 with fs.open(path, "rb") as f:
                     return count_tar_samples(f)
             except Exception:  # noqa: BLE001 - a damaged tar counts as empty here; reading it counts the damage
+                damaged.append(path)
                 return 0
 
         total, unknown = 0, []
@@ -209,7 +212,7 @@ class TarSource(Source):
             else:
                 unknown.append((fs, path, fs.info(path).get("size") or 0))
         if not unknown:
-            return total, "exact"
+            return total, "exact" if not damaged else f"exact but for {len(damaged)} damaged tar(s), counted as empty"
         fs, path, size = unknown[0]
         per_byte = scan(fs, path) / size if size else 0.0
         return total + round(per_byte * sum(s for _, _, s in unknown)), f"estimated for {len(unknown)} tar(s) from {path}'s samples per byte"
