@@ -9,7 +9,8 @@ input (`data_modules.records`: decoding, encodings, filters, skip reasons).
 
 Damage is skipped and counted, never fatal:
 - a region that is not a valid member (a damaged header, a torn write): `tar_corrupt`, once per region; reading
-  resumes at the next valid header, so the members after it are kept;
+  resumes at the next valid header, so the members after it are kept (also after a valid pax header whose member
+  header is damaged, in uncompressed tars, which webdataset writes with a pax header per member);
 - a tar cut short: `tar_truncated` (the sample being read is lost, every earlier one is kept);
 - a tar that cannot be opened at all: `tar_unreadable`;
 - a sample without an image member: `missing_image`; with a .json that is not a JSON object: `metadata_corrupt`;
@@ -41,35 +42,50 @@ def member_key(name: str) -> tuple[str, str]:
 def iter_tar_samples(fileobj: IO[bytes], size: int | None = None) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
     """(key, {extension: bytes}, None) per sample in member order, or (key, None, reason) for a damaged one.
     `size` (the file's length, when known) reveals a tar cut inside a header block."""
-    try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*", ignore_zeros=True)
-    except (tarfile.TarError, EOFError, OSError, zlib.error):
-        yield "", None, "tar_unreadable"
-        return
     key: str | None = None
     members: dict[str, bytes] = {}
     oversized = False
-    expected = 0  # where the next header starts when nothing is damaged
-    try:
-        for info in tar:
-            if info.offset > expected:  # ignore_zeros skipped blocks that were not a header
+    base = 0  # where the current tarfile stream starts in the file (> 0 after resuming past damage)
+    expected = 0  # where the next header starts, relative to `base`, when nothing is damaged
+    while True:
+        try:
+            tar = tarfile.open(fileobj=fileobj, mode="r|*", ignore_zeros=True)
+        except (tarfile.TarError, EOFError, OSError, zlib.error):
+            yield ("", None, "tar_unreadable") if base == 0 else (key or "", None, "tar_truncated")
+            return
+        expected, resumed = 0, base > 0
+        try:
+            for info in tar:
+                if info.offset > expected and not resumed:  # ignore_zeros skipped blocks that were not a header
+                    yield "", None, "tar_corrupt"
+                resumed = False  # the region before a resume point is counted once, where it was found
+                expected = info.offset_data + (-(-info.size // BLOCK) * BLOCK if info.isreg() else 0)
+                if not info.isreg():
+                    continue
+                k, ext = member_key(info.name)
+                if k != key:
+                    if key is not None:
+                        yield (key, None, "too_large") if oversized else (key, members, None)
+                    key, members, oversized = k, {}, False
+                if info.size > MEMBER_MAX_BYTES:
+                    oversized = True  # tarfile skips its bytes when it moves on
+                    continue
+                handle = tar.extractfile(info)
+                members[ext] = handle.read() if handle is not None else b""
+        except (tarfile.TarError, EOFError, OSError, zlib.error):
+            # E.g. a valid extended (pax / GNU) header followed by a damaged one: tarfile gives up on the whole stream
+            # (ignore_zeros only skips damaged first headers). In an uncompressed, seekable tar with data left after
+            # the failing header, resume one block further on (the region counts once as `tar_corrupt`); otherwise
+            # the data ends here.
+            resume = base + expected + BLOCK
+            if getattr(tar.fileobj, "comptype", None) == "tar" and fileobj.seekable() and size is not None and resume < size:
                 yield "", None, "tar_corrupt"
-            expected = info.offset_data + (-(-info.size // BLOCK) * BLOCK if info.isreg() else 0)
-            if not info.isreg():
+                fileobj.seek(resume)
+                base = resume
                 continue
-            k, ext = member_key(info.name)
-            if k != key:
-                if key is not None:
-                    yield (key, None, "too_large") if oversized else (key, members, None)
-                key, members, oversized = k, {}, False
-            if info.size > MEMBER_MAX_BYTES:
-                oversized = True  # tarfile skips its bytes when it moves on
-                continue
-            handle = tar.extractfile(info)
-            members[ext] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, EOFError, OSError, zlib.error):
-        yield key or "", None, "tar_truncated"
-        return
+            yield key or "", None, "tar_truncated"
+            return
+        break
     if key is not None:
         yield (key, None, "too_large") if oversized else (key, members, None)
     if size is not None and size % BLOCK:

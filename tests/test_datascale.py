@@ -69,9 +69,9 @@ def _write_tars(folder: Path) -> list[Path]:
     with tarfile.open(paths[1]) as tar:
         members = tar.getmembers()
     b1 = next(m for m in members if m.name == "b1.png")
-    # Destroy every header block of b1's png (webdataset's pax header for the float mtime, then the member's own):
-    # the reader skips the region and resumes at the next valid header.
-    data[b1.offset : b1.offset_data] = b"\xff" * (b1.offset_data - b1.offset)
+    # Destroy b1's png header but not the pax header webdataset writes before it (for the float mtime): tarfile alone
+    # gives up on the whole stream there; the reader skips the region and resumes at the next valid header.
+    data[b1.offset_data - 512 : b1.offset_data] = b"\xff" * 512
     last = next(m for m in members if m.name.startswith("b4."))
     paths[1].write_bytes(bytes(data[: last.offset_data + 100]))  # cut inside b4's first member
     return paths
