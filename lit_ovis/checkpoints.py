@@ -34,6 +34,10 @@ DCP_STATE_PREFIX = "state_dict."
 # readers build that architecture, whatever preset the run's config named (`lit_ovis.models.backbone`).
 ARCHITECTURE_KEY = "backbone_architecture"
 
+# A LoRA run's checkpoint holds only the adapter under `backbone.` (peft key layout) and says so in this entry:
+# {"format": 1, "preset", "base" (the backbone.pretrained it applies to), "adapter_config" (peft LoraConfig dict)}.
+LORA_ENTRY = "lora_adapter"
+
 # `--weights` of export / eval: which backbone weights a training checkpoint gives (`backbone_state_dict`'s use_ema).
 WEIGHTS = {"auto": None, "ema": True, "raw": False}
 
@@ -190,9 +194,37 @@ def uses_ema_weights(checkpoint: dict[str, Any]) -> bool:
     return bool(ema.get("use_for_sampling", True) if isinstance(ema, dict) else getattr(ema, "use_for_sampling", True))
 
 
-def backbone_state_dict(checkpoint: dict[str, Any], use_ema: bool | None = False) -> dict[str, torch.Tensor]:
+def lora_entry(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The LoRA entry of a LoRA run's checkpoint (`LORA_ENTRY`), None for full fine-tuning."""
+    entry = checkpoint.get(LORA_ENTRY)
+    return entry if isinstance(entry, dict) else None
+
+
+def adapter_state_dict(checkpoint: dict[str, Any], use_ema: bool | None = False) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapter in `save_lora_adapter` key layout (`<layer>.lora_A.weight`); `use_ema=None`:
+    the weights the run sampled with."""
+    from lit_ovis.models.lora import adapter_weights
+
+    if lora_entry(checkpoint) is None:
+        raise CheckpointError("checkpoint holds full backbone weights, not a LoRA adapter (it was not trained with --model.lora.enabled true)")
+    return adapter_weights(_module_weights(checkpoint, use_ema))
+
+
+def backbone_state_dict(checkpoint: dict[str, Any], use_ema: bool | None = False, lora_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Backbone weights in diffusers key layout; `use_ema=None`: the weights the run sampled its grids with
-    (the EMA weights when it kept and used an EMA), which is what export, eval and the next stage start from."""
+    (the EMA weights when it kept and used an EMA), which is what export, eval and the next stage start from.
+    A LoRA checkpoint gives its base weights with the adapter merged in at `lora_scale` (the base is read
+    from the `backbone.pretrained` the run recorded)."""
+    entry = lora_entry(checkpoint)
+    if entry is not None:
+        from lit_ovis.models.lora import merged_base_weights
+
+        return merged_base_weights(entry, adapter_state_dict(checkpoint, use_ema), lora_scale)
+    return _module_weights(checkpoint, use_ema)
+
+
+def _module_weights(checkpoint: dict[str, Any], use_ema: bool | None) -> dict[str, torch.Tensor]:
+    """The `backbone.` tensors of a checkpoint with their prefix stripped, EMA values swapped in when asked."""
     if use_ema is None:
         use_ema = uses_ema_weights(checkpoint)
     state = checkpoint.get("state_dict")

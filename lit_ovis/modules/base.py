@@ -11,6 +11,8 @@ Outside a Trainer, `lit_ovis.load_module(path)` returns a module that is ready t
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from typing import Any
 
@@ -18,16 +20,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lit_ovis.checkpoints import ARCHITECTURE_KEY, read_meta, stored_architecture
+from lit_ovis.checkpoints import ARCHITECTURE_KEY, BACKBONE_PREFIX, LORA_ENTRY, lora_entry, read_meta, stored_architecture
 from lit_ovis.ema import EMA
 from lit_ovis.errors import CheckpointError, ConfigError
+from lit_ovis.models import lora as lora_lib
 from lit_ovis.models.backbone import (
     architecture_of, backbone_skeleton, build_backbone, checkpoint_architecture, describe_difference, resolve_architecture,
 )
+from lit_ovis.models.quantize import QUANTIZE_MODES, check_quantize_mode, quantize_frozen_base
 from lit_ovis.models.text_encoder import build_text_encoder, text_ids
 from lit_ovis.models.vae import build_vae, latent_image_ids
 from lit_ovis.dtypes import DTYPES
-from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
+from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, LoRAConfig, OptimizerConfig
 from lit_ovis.parallel.fsdp import ParallelConfig, parallelize_module
 from lit_ovis.parallel.optim import make_adamw
 from lit_ovis.sampling.generate import SamplingConfig, generate_images
@@ -43,6 +47,7 @@ class OvisBaseModule(L.LightningModule):
         ema: EMAConfig = EMAConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         parallel: ParallelConfig = ParallelConfig(),
+        lora: LoRAConfig = LoRAConfig(),
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -54,6 +59,8 @@ class OvisBaseModule(L.LightningModule):
         self.ema_cfg = ema
         self.sampling_cfg = sampling
         self.parallel = parallel
+        self.lora_cfg = lora
+        check_lora_config(lora)
         self.backbone: torch.nn.Module | None = None
         # The shape `configure_model` must build when a checkpoint will be restored into it (`use_architecture_of`);
         # None: the pretrained weights' or the preset's.
@@ -71,13 +78,41 @@ class OvisBaseModule(L.LightningModule):
     def vae(self):
         return self._frozen.get("vae")
 
+    @property
+    def reference(self):
+        """The frozen reference copy of the backbone (SDPO, GRPO's KL), sharded like the policy; None when the
+        stage needs none or with LoRA, whose reference is the adapter-off backbone (see `reference_model`)."""
+        return self._frozen.get("reference")
+
+    def needs_reference(self) -> bool:
+        """Whether the stage compares against a frozen reference model (SDPO: always; GRPO: with a KL term)."""
+        return False
+
+    def build_reference(self) -> torch.nn.Module:
+        """The frozen reference when it is a copy (no LoRA): the backbone as built from its initial weights."""
+        return copy.deepcopy(self.backbone)
+
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The model to run as the frozen reference: with LoRA the backbone with its adapter off (the base it was
+        trained from, no second copy), else the reference copy."""
+        if self.lora_cfg.enabled:
+            with lora_lib.adapter_disabled(self.backbone) as base:
+                yield base
+        else:
+            yield self.reference
+
     def build_frozen(self) -> None:
-        """Text encoder and VAE (frozen); stages add their reference model here."""
+        """Text encoder and VAE (frozen), and the reference copy when the stage needs one and trains no LoRA."""
         dtype = DTYPES[self.encoders_cfg.dtype]
         self._frozen["text_encoder"] = build_text_encoder(
             self.encoders_cfg.text_encoder, self.encoders_cfg.max_sequence_length, dtype=dtype
         )
         self._frozen["vae"] = build_vae(self.encoders_cfg.vae, dtype=dtype)
+        if self.needs_reference() and not self.lora_cfg.enabled:
+            reference = self.build_reference().eval()
+            reference.requires_grad_(False)
+            self._frozen["reference"] = reference
 
     def configure_model(self) -> None:
         if self.backbone is not None:  # Lightning may call this more than once
@@ -87,13 +122,17 @@ class OvisBaseModule(L.LightningModule):
         # copy (lit_ovis.parallel.init); everything else builds the full model here.
         lazy = mesh is not None and cfg.pretrained is not None and self.supports_sharded_init()
         arch = self.backbone_architecture
-        self.backbone = (backbone_skeleton(cfg.preset, cfg.pretrained, arch) if lazy
-                         else build_backbone(cfg.preset, cfg.pretrained, architecture=arch))
+        if lazy:
+            self.backbone = backbone_skeleton(cfg.preset, cfg.pretrained, arch)
+        elif self.lora_cfg.enabled:
+            self.backbone = self.build_lora_backbone(sharded=mesh is not None)
+        else:
+            self.backbone = build_backbone(cfg.preset, cfg.pretrained, architecture=arch)
         self.build_frozen()
         self.place_frozen()
         # Every lever applies with or without a mesh (attention backend, checkpointing, offloading, compile);
         # sharding only when ModelParallelStrategy provides a device mesh.
-        parallelize_module(self, mesh, self.parallel)
+        parallelize_module(self, mesh, self.levers(mesh))
         if lazy:
             self.materialize_sharded_backbones()
         if getattr(self, "reference", None) is not None:
@@ -124,6 +163,16 @@ class OvisBaseModule(L.LightningModule):
         # Readers (export, eval, make-pairs, the next stage) build this shape, whatever preset the config named.
         if self.backbone is not None:
             checkpoint[ARCHITECTURE_KEY] = architecture_of(self.backbone)
+        if self.lora_cfg.enabled:  # says the checkpoint holds an adapter, and which base it applies to
+            checkpoint[LORA_ENTRY] = lora_lib.checkpoint_entry(self.backbone, self.backbone_cfg.preset, self.backbone_cfg.pretrained)
+
+    def levers(self, mesh) -> ParallelConfig:
+        """`model.parallel` as applied: on one device a LoRA run whose frozen base is bf16/fp16 computes in that
+        dtype (autocast) even when fp32 compute is configured, since an fp32 input cannot meet a bf16 weight."""
+        base = self.lora_cfg.base_dtype
+        if mesh is None and self.lora_cfg.enabled and base != "fp32" and self.parallel.param_dtype == "fp32":
+            return dataclasses.replace(self.parallel, param_dtype=base)
+        return self.parallel
 
     def match_policy_code_path(self) -> None:
         """Give the frozen reference model (DPO, GRPO's KL) the policy's attention kernels and compiled blocks,
@@ -144,9 +193,24 @@ class OvisBaseModule(L.LightningModule):
             apply_compile(ref)
 
     def supports_sharded_init(self) -> bool:
-        """Whether every meta module left by `build_frozen` is a copy of the pretrained backbone (stages that
-        add layers of their own, e.g. a LoRA adapter, build the full model instead)."""
-        return True
+        """Whether every meta module left by `build_frozen` is a copy of the pretrained backbone (a LoRA adapter's
+        layers are initialised by peft, not by the pretrained weights: LoRA runs build the full model instead)."""
+        return not self.lora_cfg.enabled
+
+    def build_lora_backbone(self, sharded: bool) -> torch.nn.Module:
+        """The frozen base in `lora.base_dtype` (no fp32 master copy), optionally weight-quantised, with one
+        trainable fp32 adapter on the chosen layers."""
+        cfg, lcfg = self.backbone_cfg, self.lora_cfg
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        check_quantize_mode(lcfg.quantize_base, device, sharded)
+        backbone = build_backbone(cfg.preset, cfg.pretrained, dtype=DTYPES[lcfg.base_dtype], architecture=self.backbone_architecture)
+        targets = lora_lib.target_module_names(backbone, lcfg.targets, lcfg.target_modules)
+        lora_lib.add_lora(backbone, lcfg.rank, lcfg.alpha, lcfg.dropout, targets)
+        if lcfg.quantize_base != "none":
+            if device is not None:  # quantise where the run computes (torchao picks that device's kernels)
+                backbone.to(device)
+            quantize_frozen_base(backbone, lcfg.quantize_base)
+        return backbone
 
     def materialize_sharded_backbones(self) -> None:
         """Fill the sharded meta backbone (and frozen copies of it, e.g. a reference model) from rank 0's weights."""
@@ -212,6 +276,38 @@ class OvisBaseModule(L.LightningModule):
         rank = self.global_rank if self._trainer is not None else 0
         step = self.global_step if self._trainer is not None else 0
         return torch.Generator(device=self.device).manual_seed(mix_seed(run_seed(), rank, step, batch_idx))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self, *args, **kwargs):
+        """With LoRA only the adapter (and its EMA) is saved: the frozen base is rebuilt from
+        `backbone.pretrained` on resume, so a checkpoint is megabytes, not the model."""
+        state = super().state_dict(*args, **kwargs)
+        if self.lora_cfg.enabled:
+            for key in [k for k in state if k.startswith(BACKBONE_PREFIX) and not lora_lib.is_adapter_key(k)]:
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """LoRA: strict over the adapter-only keys `state_dict()` gives (the base is not in checkpoints)."""
+        if not self.lora_cfg.enabled:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if strict and (missing or unexpected):
+            raise CheckpointError(f"checkpoint does not hold this run's LoRA adapter: {len(missing)} adapter keys missing "
+                                  f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); resume with "
+                                  "the lora settings it was trained with, or start fresh with --ckpt_path null")
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        return type(result)([k for k in result.missing_keys if k in expected], result.unexpected_keys)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        held = lora_entry(checkpoint) is not None
+        if held != self.lora_cfg.enabled:
+            what = "a LoRA adapter" if held else "full backbone weights"
+            fix = ("resume with --model.lora.enabled true, or start a new run from it with --model.backbone.pretrained "
+                   "<checkpoint> --ckpt_path null" if held else "resume with --model.lora.enabled false, or start a LoRA run "
+                   "from it with --model.backbone.pretrained <checkpoint> --ckpt_path null")
+            raise CheckpointError(f"the checkpoint holds {what} but this run has lora.enabled={self.lora_cfg.enabled}; {fix}")
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -321,6 +417,22 @@ class OvisBaseModule(L.LightningModule):
         seeds = batch.get("seeds")
         images = self.sample(list(prompts), seed=[int(s) for s in seeds] if seeds is not None else batch_idx * 1000)
         return {"images": images.cpu(), "prompts": list(prompts), "ids": batch.get("ids")}
+
+
+def check_lora_config(cfg: LoRAConfig) -> None:
+    """One-line refusals of LoRA settings that cannot work, before any model is built."""
+    if not cfg.enabled:
+        return
+    if cfg.rank < 1 or cfg.alpha <= 0:
+        raise ConfigError(f"--model.lora.rank must be >= 1 and --model.lora.alpha > 0 (got rank {cfg.rank}, alpha {cfg.alpha})")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"--model.lora.dropout must be in [0, 1) (got {cfg.dropout})")
+    if cfg.targets not in lora_lib.TARGETS:
+        raise ConfigError(f"--model.lora.targets must be one of {', '.join(lora_lib.TARGETS)} (got {cfg.targets!r})")
+    if cfg.base_dtype not in DTYPES:
+        raise ConfigError(f"--model.lora.base_dtype must be one of {', '.join(DTYPES)} (got {cfg.base_dtype!r})")
+    if cfg.quantize_base not in QUANTIZE_MODES:
+        raise ConfigError(f"--model.lora.quantize_base must be one of {', '.join(QUANTIZE_MODES)} (got {cfg.quantize_base!r})")
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:

@@ -67,6 +67,32 @@ class EMAConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """A LoRA adapter on the backbone instead of full fine-tuning (one GPU), for every stage: only the adapter
+    trains and is checkpointed; the frozen base stays in `base_dtype` (or quantised) with no optimizer state, and
+    the frozen reference of SDPO and GRPO is the adapter-off base (no second copy)."""
+
+    enabled: bool = False
+    """Train a LoRA adapter (diffusers' PeftAdapterMixin on the backbone) instead of all weights."""
+    rank: int = 64
+    """Adapter rank r."""
+    alpha: float = 128.0
+    """LoRA scaling alpha: the adapter's update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (must stay 0 for GRPO: rollouts and updates must be the same policy)."""
+    targets: str = "attention"
+    """Which linear layers get an adapter: "attention" (q, k, v, out of both streams), "attention_mlp" (+ the MLPs)
+    or "all_linear" (every linear layer of the backbone, modulation and embedders included)."""
+    target_modules: list[str] | None = None
+    """Explicit module names or name suffixes (peft's target_modules), e.g. [to_q, to_v]; set: replaces `targets`."""
+    base_dtype: str = "bf16"
+    """Dtype of the frozen base weights: "bf16" (no fp32 master copy), "fp16" or "fp32"; the adapter stays fp32."""
+    quantize_base: str = "none"
+    """Weight-only quantisation of the frozen base's linear layers (torchao): "none", "int8", or "float8" (GPUs with
+    compute capability >= 8.9); one device only (not under FSDP)."""
+
+
+@dataclass
 class TimestepConfig:
     """Training timesteps and their loss weight, shared by the flow-matching and SDPO stages (`lit_ovis.flow`)."""
 

@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 from lit_ovis import flow
 from lit_ovis.models.vae import pack_latents
 from lit_ovis.modules.base import OvisBaseModule
-from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, FlowConfig, OptimizerConfig
+from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, FlowConfig, LoRAConfig, OptimizerConfig
 from lit_ovis.parallel.fsdp import ParallelConfig
 from lit_ovis.sampling.generate import SamplingConfig
 
@@ -25,8 +25,9 @@ class FlowMatchingModule(OvisBaseModule):
         sampling: SamplingConfig = SamplingConfig(),
         parallel: ParallelConfig = ParallelConfig(),
         flow_matching: FlowConfig = FlowConfig(),
+        lora: LoRAConfig = LoRAConfig(),
     ):
-        super().__init__(backbone, encoders, optimizer, ema, sampling, parallel)
+        super().__init__(backbone, encoders, optimizer, ema, sampling, parallel, lora)
         self.flow_cfg = flow_matching
         # Per-timestep-range loss means. nan_strategy="disable" skips torchmetrics' `if nans.any()` (a host sync
         # every step); non-finite losses get weight 0 in `_log_timestep_buckets` instead, on the device.

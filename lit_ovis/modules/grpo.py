@@ -26,7 +26,6 @@ set `module.reward_fns = {"name": fn}` with fn(images [N,3,H,W] in [0,1], prompt
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -40,7 +39,7 @@ from lit_ovis.losses.window import TrainingWindow, WindowConfig
 from lit_ovis.models.text_encoder import text_ids
 from lit_ovis.models.vae import latent_image_ids, latent_size, unpack_latents
 from lit_ovis.modules.base import OvisBaseModule
-from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig
+from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, LoRAConfig, OptimizerConfig
 from lit_ovis.parallel.collectives import global_group_advantages, mean_over_ranks
 from lit_ovis.parallel.fsdp import ParallelConfig
 from lit_ovis.render import reward_grid
@@ -50,23 +49,6 @@ from lit_ovis.sampling.sde import SAMPLERS, Trajectory, sampler_step, sde_sample
 from lit_ovis.seeds import mix_seed, run_seed
 
 UPDATE_ORDER_STREAM = 1  # mix_seed index of the update's mini-batch order (rollout noise is index 0)
-
-
-@dataclass
-class LoRASettings:
-    """A LoRA adapter instead of full fine-tuning (one GPU); the KL reference is then the adapter-off base."""
-
-    enabled: bool = False
-    """Train a LoRA adapter instead of all weights; the reference is the adapter-off base (no second model copy)."""
-    rank: int = 64
-    """Adapter rank r."""
-    alpha: int = 128
-    """LoRA scaling alpha (the update is scaled by alpha / r)."""
-    dropout: float = 0.0
-    """Must stay 0 for GRPO: rollouts run without dropout, so a dropout update would not be on-policy."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
-                                                               "add_k_proj", "add_v_proj", "to_add_out"])
-    """Names of the backbone's linear layers that get an adapter (peft's target_modules)."""
 
 
 @dataclass
@@ -184,16 +166,15 @@ class GRPOModule(OvisBaseModule):
         sampling: SamplingConfig = SamplingConfig(),
         parallel: ParallelConfig = ParallelConfig(),
         grpo: GRPOConfig = GRPOConfig(),
-        lora: LoRASettings = LoRASettings(),
+        lora: LoRAConfig = LoRAConfig(),
     ):
-        super().__init__(backbone, encoders, optimizer, ema, sampling, parallel)
+        super().__init__(backbone, encoders, optimizer, ema, sampling, parallel, lora)
         self.grpo = grpo
         self.rollout_cfg = rollout_sampling(sampling, grpo.rollout)
         self._validate()
         if lora.enabled and lora.dropout > 0:
             # rollouts run in eval mode (no dropout): a dropout-perturbed update would not be on-policy (ratio != 1)
-            raise ConfigError(f"lora.dropout must be 0 for GRPO (got {lora.dropout}): rollouts and updates must be the same policy")
-        self.lora_cfg = lora
+            raise ConfigError(f"--model.lora.dropout must be 0 for GRPO (got {lora.dropout}): rollouts and updates must be the same policy")
         self.automatic_optimization = False
         self.reward_fns: dict[str, Callable] | None = None  # a caller's reward functions instead of grpo.rewards
         self._reward_ensemble = None  # built on first use (scorers may load models)
@@ -231,6 +212,7 @@ class GRPOModule(OvisBaseModule):
                                     "tracker": {k: list(v) for k, v in self.tracker.history.items()} if self.tracker else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("grpo_state")
         if not state:
             return
@@ -240,42 +222,12 @@ class GRPOModule(OvisBaseModule):
                 self.tracker.history[k].extend(v)
 
     # ------------------------------------------------------------------------------------ models
-    @property
-    def reference(self):
-        """Frozen reference backbone (sharded by parallelize_module); None with LoRA or kl_beta = 0."""
-        return self._frozen.get("reference")
-
-    def build_frozen(self) -> None:
-        super().build_frozen()
-        if self.lora_cfg.enabled:
-            self._add_lora()
-        elif self.grpo.update.kl_beta > 0:
-            ref = copy.deepcopy(self.backbone).eval()
-            ref.requires_grad_(False)
-            self._frozen["reference"] = ref
-
-    def supports_sharded_init(self) -> bool:
-        return not self.lora_cfg.enabled  # LoRA layers are initialised by peft, not by the pretrained weights
-
-    def _add_lora(self) -> None:
-        from peft import LoraConfig
-
-        cfg = self.lora_cfg
-        self.backbone.requires_grad_(False)
-        self.backbone.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                             target_modules=list(cfg.target_modules), init_lora_weights="gaussian"))
-        if not any(p.requires_grad for p in self.backbone.parameters()):
-            raise ConfigError(f"lora.target_modules {cfg.target_modules} matched no layer of the backbone")
+    def needs_reference(self) -> bool:
+        return self.grpo.update.kl_beta > 0  # the KL term's frozen DPO model; 0 skips the reference forward
 
     def reference_velocity(self, x, sigma, embeds, txt, img, negative) -> torch.Tensor:
-        g = self.rollout_cfg.guidance_scale
-        if self.lora_cfg.enabled:
-            self.backbone.disable_adapters()
-            try:
-                return velocity(self.backbone, x, sigma, embeds, txt, img, negative, guidance_scale=g)
-            finally:
-                self.backbone.enable_adapters()
-        return velocity(self.reference, x, sigma, embeds, txt, img, negative, guidance_scale=g)
+        with self.reference_model() as reference:
+            return velocity(reference, x, sigma, embeds, txt, img, negative, guidance_scale=self.rollout_cfg.guidance_scale)
 
     def build_rewards(self):
         """The weighted reward ensemble (`lit_ovis.scoring.ScorerEnsemble`): `grpo.rewards` {name: weight} from the

@@ -9,7 +9,8 @@ on the same mesh and mixed-precision policy as the policy. It also runs the poli
 `parallelize_module`, `OvisBaseModule.match_policy_code_path` copies the policy's attention backend to it and
 compiles its blocks when the policy's are compiled, so that policy == reference gives identical errors (with
 beta in the thousands, a kernel-level difference between the two would be a constant bias in every implicit
-reward). On resume the reference is rebuilt from the same SFT weights.
+reward). On resume the reference is rebuilt from the same SFT weights. With `lora.enabled` there is no copy: the
+reference is the backbone with its adapter switched off (`OvisBaseModule.reference_model`), i.e. the frozen base.
 
 One training step (the math lives in `lit_ovis.losses.dpo`):
   shared noise and timestep per pair -> x_t for winner and loser -> policy velocities for both in one batched
@@ -25,7 +26,6 @@ Batches: `{"latents_w": [B,16,h,w], "latents_l": [B,16,h,w], "prompt_embeds"?: [
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from lit_ovis.losses.dpo import SafeguardConfig, sdpo_loss
 from lit_ovis.models.backbone import architecture_of, build_backbone
 from lit_ovis.models.vae import pack_latents
 from lit_ovis.modules.base import OvisBaseModule
-from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, OptimizerConfig, TimestepConfig
+from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, LoRAConfig, OptimizerConfig, TimestepConfig
 from lit_ovis.parallel.fsdp import ParallelConfig
 from lit_ovis.sampling.generate import SamplingConfig
 
@@ -66,27 +66,26 @@ class SDPOModule(OvisBaseModule):
         sampling: SamplingConfig = SamplingConfig(),
         parallel: ParallelConfig = ParallelConfig(),
         sdpo: SDPOConfig = SDPOConfig(),
+        lora: LoRAConfig = LoRAConfig(),
     ):
-        super().__init__(backbone, encoders, optimizer, ema, sampling, parallel)
+        super().__init__(backbone, encoders, optimizer, ema, sampling, parallel, lora)
+        if lora.enabled and sdpo.reference_pretrained:
+            raise ConfigError("--model.sdpo.reference_pretrained cannot be used with --model.lora.enabled true: the LoRA "
+                              "run's reference is its adapter-off base (backbone.pretrained); unset one of them")
         if sdpo.beta <= 0:
             raise ConfigError(f"--model.sdpo.beta must be > 0 (got {sdpo.beta}); the report uses a large beta (thousands)")
         sdpo.safeguard.check()
         self.sdpo = sdpo
 
     # ------------------------------------------------------------------------------------ models
-    @property
-    def reference(self):
-        """The frozen reference backbone (sharded by `parallelize_module` like the policy)."""
-        return self._frozen.get("reference")
+    def needs_reference(self) -> bool:
+        return True
 
-    def build_frozen(self) -> None:
-        super().build_frozen()
+    def build_reference(self) -> torch.nn.Module:
         path = self.sdpo.reference_pretrained
         # The reference is the policy's starting point: same architecture, whatever the preset says.
-        ref = (build_backbone(self.backbone_cfg.preset, path, architecture=architecture_of(self.backbone)) if path
-               else copy.deepcopy(self.backbone))
-        ref.eval().requires_grad_(False)
-        self._frozen["reference"] = ref
+        return (build_backbone(self.backbone_cfg.preset, path, architecture=architecture_of(self.backbone)) if path
+                else super().build_reference())
 
     def train_flops_per_pair(self, latent_h: int, latent_w: int) -> int:
         """Model FLOPs of one pair for the throughput/MFU logger: policy forward+backward on winner and loser,
@@ -95,7 +94,7 @@ class SDPOModule(OvisBaseModule):
 
         tokens = (latent_h // 2) * (latent_w // 2)
         return dpo_train_flops(dict(self.backbone.config), tokens, self.encoders_cfg.max_sequence_length,
-                               reference=self.reference is not None)
+                               reference=True)  # a copy, or with LoRA the adapter-off backbone: one more forward either way
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -106,7 +105,7 @@ class SDPOModule(OvisBaseModule):
     def _reshard_reference(self) -> None:
         # FSDP2 keeps the root module's parameters gathered after forward (it expects a backward to follow);
         # the reference never runs backward, so free its root parameters explicitly.
-        reshard = getattr(self.reference, "reshard", None)
+        reshard = getattr(self.reference, "reshard", None)  # None with LoRA: the policy's own backward follows
         if callable(reshard):
             reshard()
 
@@ -138,8 +137,8 @@ class SDPOModule(OvisBaseModule):
         x_w, x_l = flow.interpolate(pw, noise, t), flow.interpolate(pl, noise, t)
         target_w, target_l = flow.velocity_target(pw, noise), flow.velocity_target(pl, noise)
         pred_w, pred_l = self.velocities(self.backbone, x_w, x_l, t, cond, cond, cfg.batched_forward)
-        with torch.no_grad():
-            ref_w, ref_l = self.velocities(self.reference, x_w, x_l, t, cond, cond, cfg.batched_forward)
+        with torch.no_grad(), self.reference_model() as reference:
+            ref_w, ref_l = self.velocities(reference, x_w, x_l, t, cond, cond, cfg.batched_forward)
         self._reshard_reference()
         weights = flow.loss_weights(t, cfg.loss_weighting)
         return sdpo_loss(pred_w, pred_l, target_w, target_l, ref_w, ref_l, cfg.beta, weights, cfg.safeguard)

@@ -1,0 +1,107 @@
+"""LoRA for every stage (flow matching, SDPO; GRPO in test_grpo_module.py): only the adapter trains and the loss
+falls, the SDPO/GRPO reference is the adapter-off base, checkpoints hold the adapter only and resume step-exact,
+and the exported adapter (diffusers' save_lora_adapter format) and merged folder sample like our `sample()`."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import LatentSet, loader, tiny_flow_module, tiny_trainer
+from lit_ovis.modules.config import LoRAConfig, OptimizerConfig
+
+LORA = dict(enabled=True, rank=4, alpha=8.0)
+
+
+def base_and_adapter(backbone) -> tuple[dict, dict]:
+    named = {n: p.detach().clone() for n, p in backbone.named_parameters()}
+    return ({n: v for n, v in named.items() if "lora_" not in n}, {n: v for n, v in named.items() if "lora_" in n})
+
+
+def tiny_lora_sdpo(**lora):
+    from lit_ovis.losses.dpo import SafeguardConfig
+    from lit_ovis.modules.config import EncoderConfig
+    from lit_ovis.modules.sdpo import SDPOConfig, SDPOModule
+    from lit_ovis.sampling.generate import SamplingConfig
+
+    module = SDPOModule(encoders=EncoderConfig(max_sequence_length=8), optimizer=OptimizerConfig(lr=1e-2, grad_clip=1.0),
+                        sampling=SamplingConfig(steps=4, guidance_scale=3.0, height=32, width=32),
+                        sdpo=SDPOConfig(beta=200.0, timestep_shift="none", timestep_sampling="uniform", safeguard=SafeguardConfig()),
+                        lora=LoRAConfig(**{**LORA, **lora}))
+    module.configure_model()
+    return module
+
+
+def test_flow_matching_lora_trains_only_the_adapter_and_its_loss_falls(tmp_path, one_thread):
+    L.seed_everything(0)
+    module = tiny_flow_module(optimizer=OptimizerConfig(lr=2e-2), lora=LoRAConfig(**LORA, targets="attention_mlp"))
+    assert next(p for n, p in module.backbone.named_parameters() if "lora_" not in n).dtype == torch.bfloat16  # lean base
+    assert all(p.dtype == torch.float32 for n, p in module.backbone.named_parameters() if "lora_" in n)
+    base, adapter = base_and_adapter(module.backbone)
+    assert set(module.trainable_parameters()) == {p for n, p in module.backbone.named_parameters() if "lora_" in n}
+    batch = next(iter(loader(LatentSet(n=4))))
+    batch["timesteps"], batch["noise"] = torch.rand(4, generator=torch.Generator().manual_seed(1)), torch.randn_like(batch["latents"])
+
+    def fixed_loss():
+        with torch.no_grad():
+            return module.flow_loss(batch)[0].item()
+
+    before = fixed_loss()
+    tiny_trainer(30, default_root_dir=tmp_path).fit(module, loader(LatentSet(n=4)))
+    after = fixed_loss()
+    assert after < 0.9 * before, (before, after)
+    base_after, adapter_after = base_and_adapter(module.backbone)
+    assert all(torch.equal(v, base_after[n]) for n, v in base.items())  # the frozen base never moves
+    assert all(not torch.equal(v, adapter_after[n]) for n, v in adapter.items() if ".lora_B." in n)
+    optimizer = module.trainer.optimizers[0]
+    assert {id(p) for p in optimizer.state} == {id(p) for p in module.trainable_parameters()}  # no state for the base
+
+
+def test_sdpo_lora_reference_is_the_adapter_off_base_and_the_dpo_loss_falls(tmp_path, one_thread):
+    from test_sdpo_module import PairSet
+
+    L.seed_everything(0)
+    module = tiny_lora_sdpo()
+    assert module.reference is None and "reference" not in module._frozen  # no second copy of the model
+    batch = next(iter(DataLoader(PairSet(), batch_size=8)))
+
+    def stats():
+        with torch.no_grad():
+            return {k: float(v) for k, v in module.pair_loss(batch, generator=torch.Generator().manual_seed(0))[1].items()}
+
+    first = stats()
+    assert first["policy_loss_w"] == first["ref_loss_w"]  # B = 0 at start: the adapter-on policy equals the base
+    base, _ = base_and_adapter(module.backbone)
+    tiny_trainer(10, default_root_dir=tmp_path).fit(module, DataLoader(PairSet(), batch_size=4))
+    last = stats()
+    assert last["ref_loss_w"] == pytest.approx(first["ref_loss_w"], rel=1e-6)  # the reference still is the base
+    assert last["reward_margin"] > first["reward_margin"] + 1e-3 and last["implicit_acc"] >= 0.75, (first, last)
+    base_after, _ = base_and_adapter(module.backbone)
+    assert all(torch.equal(v, base_after[n]) for n, v in base.items())
+
+
+def test_lora_settings_refuse_with_one_line():
+    from lit_ovis.errors import ConfigError
+
+    for bad, option in [(dict(rank=0), "rank"), (dict(targets="mlp_only"), "targets"), (dict(quantize_base="int4"), "quantize_base"),
+                        (dict(base_dtype="fp8"), "base_dtype")]:
+        with pytest.raises(ConfigError, match=f"--model.lora.{option}"):
+            tiny_flow_module(configure=False, lora=LoRAConfig(**{**LORA, **bad}))
+    with pytest.raises(ConfigError, match="target_modules"):
+        tiny_flow_module(lora=LoRAConfig(**LORA, target_modules=["no_such_layer"]))
+
+
+def test_target_presets_choose_the_layers():
+    from lit_ovis.models.backbone import build_backbone
+    from lit_ovis.models.lora import target_module_names
+
+    backbone = build_backbone("tiny")
+    attention = target_module_names(backbone, "attention")
+    with_mlp = target_module_names(backbone, "attention_mlp")
+    every = target_module_names(backbone, "all_linear")
+    assert set(attention) < set(with_mlp) < set(every)
+    assert all(n.split(".")[-1] in ("to_q", "to_k", "to_v", "0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out") for n in attention)
+    assert "transformer_blocks.0.ff.net.2" in with_mlp and "x_embedder" in every and "x_embedder" not in with_mlp
+    assert target_module_names(backbone, explicit=["to_q"]) == [n for n in attention if n.endswith(".to_q")]
