@@ -105,3 +105,66 @@ def test_target_presets_choose_the_layers():
     assert all(n.split(".")[-1] in ("to_q", "to_k", "to_v", "0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out") for n in attention)
     assert "transformer_blocks.0.ff.net.2" in with_mlp and "x_embedder" in every and "x_embedder" not in with_mlp
     assert target_module_names(backbone, explicit=["to_q"]) == [n for n in attention if n.endswith(".to_q")]
+
+
+class _Losses(L.Callback):
+    def __init__(self, crash_at: int | None = None):
+        self.losses, self.crash_at = {}, crash_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if trainer.global_step == self.crash_at:
+            raise RuntimeError("killed")
+
+
+def _lora_run(root, steps: int, callback: _Losses, ckpt_path=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks.rng_state import RNGState
+    from lit_ovis.modules.config import EMAConfig
+
+    L.seed_everything(0)
+    module = tiny_flow_module(optimizer=OptimizerConfig(lr=1e-2, warmup_steps=3), ema=EMAConfig(enabled=True, decay=0.5),
+                              lora=LoRAConfig(**LORA, base_dtype="fp32"))
+    saver = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=2, save_last=True, save_top_k=-1)
+    trainer = tiny_trainer(steps, default_root_dir=root, callbacks=[callback, saver, RNGState()], enable_checkpointing=True)
+    # every batch holds the same samples: a plain DataLoader restarts its epoch on resume (the shipped data modules
+    # are stateful and continue it), so only the weights, optimizer, schedule and step can make the losses match
+    trainer.fit(module, loader(torch.utils.data.ConcatDataset([LatentSet(n=4)] * 8), batch_size=4), ckpt_path=ckpt_path)
+    return module
+
+
+def test_lora_checkpoint_holds_the_adapter_only_and_a_killed_run_resumes_step_exact(tmp_path, one_thread):
+    from lit_ovis.checkpoints import LORA_ENTRY, adapter_state_dict
+
+    whole = _Losses()
+    _lora_run(tmp_path / "whole", 6, whole)
+    crashed = _Losses(crash_at=5)
+    with pytest.raises(RuntimeError, match="killed"):
+        _lora_run(tmp_path / "killed", 6, crashed)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    # the adapter (and its EMA) only, the base it applies to, and optimizer state for the adapter only
+    assert ckpt[LORA_ENTRY]["preset"] == "tiny" and ckpt[LORA_ENTRY]["adapter_config"]["r"] == 4
+    keys = [k for k in ckpt["state_dict"] if not k.startswith("bucket_loss")]
+    backbone = [k for k in keys if k.startswith("backbone.")]
+    assert backbone and all(".lora_A." in k or ".lora_B." in k for k in backbone)
+    assert all(k.startswith("ema.") and "__lora_" in k for k in keys if k not in backbone)
+    assert len(ckpt["optimizer_states"][0]["state"]) == len(adapter_state_dict(ckpt)) == len(backbone)
+    resumed = _Losses()
+    _lora_run(tmp_path / "killed", 6, resumed, ckpt_path=str(last))
+    assert sorted(resumed.losses) == [5, 6]  # continued after the checkpoint's step
+    for step in (5, 6):
+        assert resumed.losses[step] == pytest.approx(whole.losses[step], rel=1e-6, abs=1e-7), (step, resumed.losses, whole.losses)
+    assert crashed.losses[5] == pytest.approx(whole.losses[5], rel=1e-6)
+
+
+def test_resuming_a_lora_checkpoint_without_lora_names_the_fix(tmp_path, one_thread):
+    from lit_ovis.errors import CheckpointError
+
+    module = tiny_flow_module(lora=LoRAConfig(**LORA, base_dtype="fp32"))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    with pytest.raises(CheckpointError, match="--model.lora.enabled true"):
+        tiny_flow_module().on_load_checkpoint(checkpoint)
