@@ -168,3 +168,70 @@ def test_resuming_a_lora_checkpoint_without_lora_names_the_fix(tmp_path, one_thr
     module.on_save_checkpoint(checkpoint)
     with pytest.raises(CheckpointError, match="--model.lora.enabled true"):
         tiny_flow_module().on_load_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory):
+    """A base diffusers folder (the stand-in for released weights), a LoRA run trained from it, its checkpoint."""
+    from lit_ovis.cli.export import build_pipeline
+    from lit_ovis.models.backbone import build_backbone
+    from lit_ovis.models.text_encoder import build_text_encoder
+    from lit_ovis.models.vae import build_vae
+    from lit_ovis.modules.config import BackboneConfig
+    from lit_ovis.sampling.generate import SamplingConfig
+
+    root = tmp_path_factory.mktemp("lora_export")
+    base = root / "base"
+    build_pipeline(build_backbone("tiny"), build_text_encoder("tiny", 8), build_vae("tiny"), SamplingConfig()).save_pretrained(base)
+    L.seed_everything(0)
+    module = tiny_flow_module(backbone=BackboneConfig(pretrained=str(base)), optimizer=OptimizerConfig(lr=2e-2),
+                              lora=LoRAConfig(**LORA, base_dtype="fp32", targets="attention_mlp"))
+    trainer = tiny_trainer(3, default_root_dir=root)
+    trainer.fit(module, loader(LatentSet(n=4)))
+    trainer.save_checkpoint(root / "lora.ckpt")
+    return module, root / "lora.ckpt", base
+
+
+PIPE_KW = dict(height=32, width=32, num_inference_steps=4, guidance_scale=3.0, output_type="pt", max_sequence_length=8)
+
+
+def test_exported_adapter_and_merged_folder_sample_like_our_sampler(lora_checkpoint, tmp_path, one_thread):
+    from diffusers import OvisImagePipeline
+
+    from lit_ovis.cli.export import main as export_main
+
+    module, ckpt, base = lora_checkpoint
+    ours = module.sample(["a sign that says OPEN"], seed=7)
+    assert export_main([str(ckpt), str(tmp_path / "adapter"), "--lora", "adapter"]) == 0
+    assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["pytorch_lora_weights.safetensors"]  # megabytes, no base
+    pipe = OvisImagePipeline.from_pretrained(base)
+    without = pipe(["a sign that says OPEN"], generator=torch.Generator().manual_seed(7), **PIPE_KW).images
+    assert (ours - without).abs().max().item() > 1e-3  # the adapter changed the images ...
+    pipe.transformer.load_lora_adapter(str(tmp_path / "adapter"), prefix=None, use_safetensors=True)
+    adapted = pipe(["a sign that says OPEN"], generator=torch.Generator().manual_seed(7), **PIPE_KW).images
+    assert (ours - adapted).abs().max().item() < 1e-4  # ... and the loaded adapter reproduces them
+    assert export_main([str(ckpt), str(tmp_path / "merged")]) == 0  # default: merged into the recorded base
+    merged = OvisImagePipeline.from_pretrained(tmp_path / "merged")
+    images = merged(["a sign that says OPEN"], generator=torch.Generator().manual_seed(7), **PIPE_KW).images
+    assert (ours - images).abs().max().item() < 1e-4
+
+
+def test_lora_scale_scales_the_update(lora_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from lit_ovis.checkpoints import adapter_state_dict, backbone_state_dict, load_training_checkpoint
+    from lit_ovis.cli.export import export_checkpoint
+    from lit_ovis.models.backbone import pretrained_state_dict
+
+    _, ckpt, base = lora_checkpoint
+    checkpoint = load_training_checkpoint(ckpt)
+    base_weights = pretrained_state_dict("tiny", str(base))
+    full, half = backbone_state_dict(checkpoint, lora_scale=1.0), backbone_state_dict(checkpoint, lora_scale=0.5)
+    key = "transformer_blocks.0.attn.to_q.weight"
+    torch.testing.assert_close(half[key] - base_weights[key], 0.5 * (full[key] - base_weights[key]))
+    assert not torch.equal(full[key], base_weights[key])
+    export_checkpoint(str(ckpt), str(tmp_path / "half"), lora="adapter", lora_scale=0.5)
+    written = load_file(tmp_path / "half" / "pytorch_lora_weights.safetensors")
+    adapter = adapter_state_dict(checkpoint)
+    assert set(written) == set(adapter)
+    assert torch.equal(written[f"{key[:-7]}.lora_B.weight"], 0.5 * adapter[f"{key[:-7]}.lora_B.weight"])

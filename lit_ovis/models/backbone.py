@@ -114,11 +114,13 @@ def _random_backbone(architecture: dict[str, Any], device=None, dtype: torch.dty
 
 def backbone_from_checkpoint(
     checkpoint: dict[str, Any], use_ema: bool | None = None, source: str = "checkpoint", dtype: torch.dtype = torch.float32,
+    lora_scale: float = 1.0,
 ) -> OvisImageTransformer2DModel:
     """The backbone of a loaded training checkpoint, in the architecture it was trained with; `use_ema=None`:
-    the weights its run sampled with. Used by export, eval, make-pairs, consolidate and the next stage."""
+    the weights its run sampled with (a LoRA checkpoint: merged into its base at `lora_scale`). Used by export,
+    eval, make-pairs, consolidate and the next stage."""
     model = _random_backbone(checkpoint_architecture(checkpoint), dtype=dtype)
-    load_checked(model, backbone_state_dict(checkpoint, use_ema=use_ema), source)
+    load_checked(model, backbone_state_dict(checkpoint, use_ema=use_ema, lora_scale=lora_scale), source)
     return model
 
 

@@ -143,3 +143,34 @@ def merged_base_weights(entry: dict, adapter: dict[str, torch.Tensor], scale: fl
         return merge_adapter(weights, adapter, lora_scaling(entry["adapter_config"]), scale)
     except KeyError as err:
         raise CheckpointError(f"LoRA adapter does not fit its base {base or preset!r}: {err.args[0]}") from None
+
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # save_lora_adapter's default file name
+
+
+def save_adapter(entry: dict, adapter: dict[str, torch.Tensor], out_dir, scale: float = 1.0, architecture: dict | None = None) -> None:
+    """Write a LoRA checkpoint's adapter with diffusers' own `save_lora_adapter` (weights + the peft config in the
+    file's metadata), so `pipe.transformer.load_lora_adapter(out_dir, prefix=None, use_safetensors=True)` loads it
+    (diffusers 0.42 looks for a .bin file unless told safetensors). The backbone it is attached to for saving
+    lives on the meta device: no base weights are read or allocated."""
+    from lit_ovis.models.backbone import backbone_skeleton
+
+    config = entry["adapter_config"]
+    target = config["target_modules"]
+    skeleton = backbone_skeleton(entry["preset"], None, architecture)  # the shape it trained (None: the preset's)
+    add_lora(skeleton, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+             sorted(target) if isinstance(target, (list, set, tuple)) else target)
+    peft_keys = {_layout_to_peft(k): v.float() for k, v in scaled_adapter(adapter, scale).items()}
+    missing = [k for k, p in skeleton.named_parameters() if p.requires_grad and k not in peft_keys]
+    if missing:
+        from lit_ovis.errors import CheckpointError
+
+        raise CheckpointError(f"the checkpoint's LoRA adapter lacks {len(missing)} of its layers' tensors (e.g. {missing[:2]}); "
+                              "use an earlier checkpoint")
+    skeleton.load_state_dict(peft_keys, strict=False, assign=True)
+    skeleton.save_lora_adapter(str(out_dir), adapter_name=ADAPTER_NAME, weight_name=ADAPTER_FILE)
+
+
+def _layout_to_peft(key: str) -> str:
+    """`L.lora_A.weight` (save_lora_adapter layout) -> `L.lora_A.default.weight` (inside the module)."""
+    return re.sub(r"\.(lora_[AB])\.", rf".\1.{ADAPTER_NAME}.", key)
