@@ -95,3 +95,14 @@ def test_help_after_a_stage_config_describes_every_option(capsys):
     assert len(grpo) >= 30 and "--trainer.max_steps" in out  # the trainer's options are still there
     for option, text in grpo.items():
         assert f"--{option} " in out and " ".join(text.split()) in out, option
+
+
+@pytest.mark.parametrize("stage", ["sft_lora", "dpo_lora", "grpo_lora"])
+def test_lora_configs_train_an_adapter_on_one_gpu(stage):
+    cfg = resolved(stage)
+    args = cfg["model"]["init_args"]
+    assert (cfg["trainer"]["devices"], cfg["trainer"]["strategy"]) == (1, "auto")
+    assert args["backbone"]["preset"] == "ovis-image-7b" and args["parallel"]["param_dtype"] == "bf16"
+    assert args["lora"]["enabled"] and args["lora"]["base_dtype"] == "bf16" and args["lora"]["rank"] == 64
+    tiny = resolved(stage, "tiny")["model"]["init_args"]  # the small-scale overlay keeps the adapter
+    assert tiny["lora"]["enabled"] and tiny["backbone"]["preset"] == "tiny"

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from helpers import StageModuleTester, run_main, tiny_stage_args, tiny_trainer
 from lit_ovis.losses.window import WindowConfig
-from lit_ovis.modules.config import EncoderConfig, OptimizerConfig
-from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, LoRASettings, RolloutConfig, UpdateConfig
+from lit_ovis.modules.config import EncoderConfig, LoRAConfig, OptimizerConfig
+from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, RolloutConfig, UpdateConfig
 from lit_ovis.render import reward_grid
 from lit_ovis.sampling.generate import SamplingConfig
 
@@ -38,7 +38,7 @@ def tiny_grpo(lr=1e-3, lora=False, rollout=None, update=None, window=None, **grp
         **{"log_images_every_n_steps": 0, **grpo})
     m = GRPOModule(encoders=EncoderConfig(max_sequence_length=8), optimizer=OptimizerConfig(lr=lr),
                    sampling=SamplingConfig(steps=4, guidance_scale=1.0, height=32, width=32),
-                   grpo=cfg, lora=LoRASettings(enabled=lora, rank=4, alpha=8))
+                   grpo=cfg, lora=LoRAConfig(enabled=lora, rank=4, alpha=8))
     m.configure_model()
     m.reward_fns = {"brightness": brightness}
     return m

@@ -118,6 +118,9 @@ class OvisBaseModule(L.LightningModule):
         if self.backbone is not None:  # Lightning may call this more than once
             return
         cfg, mesh = self.backbone_cfg, self.device_mesh
+        if self.encoders_cfg.text_encoder_device not in ("auto", "cpu") or (mesh is not None and self.encoders_cfg.text_encoder_device == "cpu"):
+            raise ConfigError(f"--model.encoders.text_encoder_device must be auto or cpu (cpu: one device only), got "
+                              f"{self.encoders_cfg.text_encoder_device!r}")
         # Sharded runs from pretrained weights build on the meta device and fill the shards from one rank's
         # copy (lit_ovis.parallel.init); everything else builds the full model here.
         lazy = mesh is not None and cfg.pretrained is not None and self.supports_sharded_init()
@@ -232,9 +235,12 @@ class OvisBaseModule(L.LightningModule):
             return None
 
     def place_frozen(self) -> None:
-        """Move frozen models to this module's device (Lightning only moves registered submodules)."""
+        """Move frozen models to this module's device (Lightning only moves registered submodules); the text encoder
+        stays on the CPU with `encoders.text_encoder_device: cpu`."""
         device = self.device
-        for module in self._frozen.values():
+        for name, module in self._frozen.items():
+            if name == "text_encoder" and self.encoders_cfg.text_encoder_device == "cpu":
+                continue  # stays in host memory (precomputed embeddings); `encode` outputs are moved to the device
             p = next(module.parameters(), None)
             if p is not None and not hasattr(p, "device_mesh") and not p.is_meta and p.device != device:
                 module.to(device)

@@ -32,6 +32,9 @@ class EncoderConfig:
     """Prompt length in tokens (the pipeline's default is 256)."""
     dtype: str = "fp32"
     """Dtype of the frozen encoders: "fp32", "bf16" (GPUs) or "fp16"."""
+    text_encoder_device: str = "auto"
+    """Where the text encoder lives: "auto" (the training device) or "cpu" (host memory, for one-GPU runs on data
+    with precomputed prompt embeddings: it then only encodes the empty prompt and sample-grid prompts)."""
 
 
 @dataclass
