@@ -113,3 +113,53 @@ def test_estimator_counts_ema_and_offloading():
     cfg = TRANSFORMER_PRESETS["ovis-image-7b"]
     assert off.host_rows[0][1] == pytest.approx(2 * (4096 + 256) * 3072 * 2 * (6 * DOUBLE_BLOCK + 27 * SINGLE_BLOCK + OUTSIDE))
     assert cfg["num_layers"] == 6 and cfg["num_single_layers"] == 27
+
+
+@pytest.mark.parametrize("targets", ["attention_mlp"])  # the configs' choice; the other presets were measured alike
+def test_lora_activation_model_matches_saved_bytes(targets):
+    """A frozen base saves less for backward (no inputs for weight gradients); the LoRA coefficients hold."""
+    from lit_ovis.models.lora import add_lora, target_module_names
+
+    torch.manual_seed(0)
+    model = OvisImageTransformer2DModel(**CFG)
+    add_lora(model, 4, 4.0, 0.0, target_module_names(model, targets))
+    measured = saved_activation_bytes(model, 24, 16, 40)
+    predicted = activation_bytes(CFG, 12 * 8, 40, batch=2, element=4, lora_targets=targets)
+    assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
+    assert predicted < activation_bytes(CFG, 12 * 8, 40, batch=2, element=4)  # less than full fine-tuning
+
+
+def test_7b_lora_sft_fits_24gb_quantised_and_48gb_in_bf16(capsys):
+    from lit_ovis.cli.estimate_memory import GIB, LoRASetting, StageSetting
+
+    kw = dict(preset="ovis-image-7b", world_size=1, replicate=1, height=1024, width=1024, batch=1, checkpointing="full",
+              text_encoder="precomputed", stage=StageSetting("sft"))
+    bf16 = estimate(**kw, lora=LoRASetting(rank=64, targets="attention_mlp"))
+    int8 = estimate(**kw, lora=LoRASetting(rank=64, targets="attention_mlp", quantize_base="int8"))
+    full = estimate(**kw)
+    assert int8.total < 24 * GIB < bf16.total + 4 * GIB and bf16.total < 48 * GIB < full.total
+    assert not any("reference model" in name for name, _ in estimate(**{**kw, "stage": StageSetting("sdpo")}, lora=LoRASetting()).rows)
+    assert any("reference model" in name for name, _ in estimate(**{**kw, "stage": StageSetting("sdpo")}).rows)
+    assert estimate_main(["--world-size", "1", "--lora-rank", "64", "--quantize-base", "int8", "--checkpointing", "full",
+                          "--text-encoder", "precomputed"]) == 0
+    assert "fits: 24 GB yes, 48 GB yes, 80 GB yes" in capsys.readouterr().out
+    assert estimate_main(["--plan", "--checkpointing", "full", "--text-encoder", "precomputed"]) == 0
+    table = capsys.readouterr().out
+    assert "grpo  r=64   base int8" in table and "sdpo  r=128  base bf16" in table
+
+
+def test_quantised_base_bytes_match_torchao():
+    pytest.importorskip("torchao")
+    from lit_ovis.cli.estimate_memory import frozen_base_bytes, linear_layers, transformer_params
+    from lit_ovis.models.lora import add_lora, target_module_names
+    from lit_ovis.models.quantize import quantize_frozen_base, stored_bytes as tensor_bytes
+
+    torch.manual_seed(0)
+    model = OvisImageTransformer2DModel(**CFG).to(torch.bfloat16)
+    add_lora(model, 4, 4.0, 0.0, target_module_names(model, "attention"))
+    assert quantize_frozen_base(model, "int8") > 20
+    measured = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad)
+    linear, _ = linear_layers(CFG, "attention")
+    predicted = frozen_base_bytes(transformer_params(CFG), linear, "bf16", "int8")
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+    assert measured < 0.6 * 2 * transformer_params(CFG)  # about half of bf16

@@ -56,3 +56,12 @@ def quantize_frozen_base(backbone: nn.Module, mode: str) -> int:
 
     quantize_(backbone, config, filter_fn=frozen_linear)
     return len(chosen)
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, through tensor subclasses (torchao's quantised weights: int8/float8 data + scales)."""
+    inner = t.data if isinstance(t, nn.Parameter) else t
+    if type(inner) is not torch.Tensor and hasattr(inner, "__tensor_flatten__"):
+        names, _ = inner.__tensor_flatten__()
+        return sum(stored_bytes(getattr(inner, n)) for n in names)
+    return inner.untyped_storage().nbytes()
