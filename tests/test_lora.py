@@ -235,3 +235,22 @@ def test_lora_scale_scales_the_update(lora_checkpoint, tmp_path):
     adapter = adapter_state_dict(checkpoint)
     assert set(written) == set(adapter)
     assert torch.equal(written[f"{key[:-7]}.lora_B.weight"], 0.5 * adapter[f"{key[:-7]}.lora_B.weight"])
+
+
+def test_int8_quantised_base_trains_the_adapter_on_cpu(tmp_path, one_thread):
+    from lit_ovis.errors import ConfigError
+
+    L.seed_everything(0)
+    module = tiny_flow_module(optimizer=OptimizerConfig(lr=2e-2), lora=LoRAConfig(**LORA, quantize_base="int8"))
+    quantised = [n for n, m in module.backbone.named_modules() if type(getattr(m, "weight", None)).__name__ == "Int8Tensor"]
+    assert len(quantised) > 20 and not any("lora_" in n for n in quantised)
+    batch = next(iter(loader(LatentSet(n=4))))
+    batch["timesteps"], batch["noise"] = torch.full((4,), 0.5), torch.randn_like(batch["latents"])
+    with torch.no_grad():
+        before = module.flow_loss(batch)[0].item()
+    tiny_trainer(8, default_root_dir=tmp_path).fit(module, loader(LatentSet(n=4)))
+    with torch.no_grad():
+        after = module.flow_loss(batch)[0].item()
+    assert after < before and all(p.grad is None or torch.isfinite(p.grad).all() for p in module.trainable_parameters())
+    with pytest.raises(ConfigError, match="float8 needs a GPU"):
+        tiny_flow_module(lora=LoRAConfig(**LORA, quantize_base="float8"))

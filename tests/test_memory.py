@@ -149,7 +149,6 @@ def test_7b_lora_sft_fits_24gb_quantised_and_48gb_in_bf16(capsys):
 
 
 def test_quantised_base_bytes_match_torchao():
-    pytest.importorskip("torchao")
     from lit_ovis.cli.estimate_memory import frozen_base_bytes, linear_layers, transformer_params
     from lit_ovis.models.lora import add_lora, target_module_names
     from lit_ovis.models.quantize import quantize_frozen_base, stored_bytes as tensor_bytes
