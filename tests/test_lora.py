@@ -254,3 +254,77 @@ def test_int8_quantised_base_trains_the_adapter_on_cpu(tmp_path, one_thread):
     assert after < before and all(p.grad is None or torch.isfinite(p.grad).all() for p in module.trainable_parameters())
     with pytest.raises(ConfigError, match="float8 needs a GPU"):
         tiny_flow_module(lora=LoRAConfig(**LORA, quantize_base="float8"))
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+def _fsdp_lora_worker(rank: int, world: int, port: int, root: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.tensor import DTensor
+
+    from test_sdpo_module import PairSet
+
+    L.seed_everything(0)
+    module = SDPOLoRA()
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, process_group_backend="gloo")
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=world, strategy=strategy, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    snapshot: dict[str, torch.Tensor] = {}
+
+    class Snap(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            snapshot.update({n: p.full_tensor().clone() for n, p in pl_module.backbone.named_parameters()})
+
+    trainer.callbacks.append(Snap())
+    trainer.fit(module, DataLoader(PairSet(n=8, seed=rank), batch_size=2))
+    trainer.save_checkpoint(f"{root}/sharded")
+    backbone, opt = module.backbone, trainer.optimizers[0]
+    adapter = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    full = {n: p.full_tensor() for n, p in backbone.named_parameters()}
+    result = {
+        "sharded": all(isinstance(p, DTensor) for p in backbone.parameters()),
+        "no_reference_copy": module.reference is None,
+        "adapter_only_trainable": bool(adapter) and all(".lora_" in n for n in adapter),
+        "base_unchanged": all(torch.equal(full[n], snapshot[n]) for n in full if n not in adapter),
+        "adapter_moved": any(not torch.equal(full[n], snapshot[n]) for n in adapter if ".lora_B." in n),
+        "optimizer_state_is_adapter": len(opt.state) == len(adapter),
+        "bf16_base": all(p.dtype == torch.bfloat16 for n, p in backbone.named_parameters() if n not in adapter),
+    }
+    torch.save(result, f"{root}/rank{rank}.pt")
+
+
+class SDPOLoRA:
+    """Picklable factory for the spawned workers (a tiny SDPO LoRA module, not configured)."""
+
+    def __new__(cls):
+        from lit_ovis.losses.dpo import SafeguardConfig
+        from lit_ovis.modules.config import EncoderConfig
+        from lit_ovis.modules.sdpo import SDPOConfig, SDPOModule
+
+        return SDPOModule(encoders=EncoderConfig(max_sequence_length=8), optimizer=OptimizerConfig(lr=1e-2),
+                          sdpo=SDPOConfig(beta=200.0, timestep_shift="none", timestep_sampling="uniform", safeguard=SafeguardConfig()),
+                          lora=LoRAConfig(**LORA))
+
+
+@pytest.mark.distributed
+def test_fsdp2_lora_shards_the_bf16_base_trains_the_adapter_and_saves_it_alone(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from lit_ovis.checkpoints import LORA_ENTRY, adapter_state_dict, load_training_checkpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_lora_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert all(result.values()), (rank, result)
+    checkpoint = load_training_checkpoint(tmp_path / "sharded")
+    assert checkpoint[LORA_ENTRY]["adapter_config"]["r"] == 4
+    assert all(".lora_" in k for k in checkpoint["state_dict"]) and len(adapter_state_dict(checkpoint)) > 20
