@@ -104,5 +104,6 @@ def test_lora_configs_train_an_adapter_on_one_gpu(stage):
     assert (cfg["trainer"]["devices"], cfg["trainer"]["strategy"]) == (1, "auto")
     assert args["backbone"]["preset"] == "ovis-image-7b" and args["parallel"]["param_dtype"] == "bf16"
     assert args["lora"]["enabled"] and args["lora"]["base_dtype"] == "bf16" and args["lora"]["rank"] == 64
-    tiny = resolved(stage, "tiny")["model"]["init_args"]  # the small-scale overlay keeps the adapter
-    assert tiny["lora"]["enabled"] and tiny["backbone"]["preset"] == "tiny"
+    if stage == "sft_lora":  # the small-scale overlay keeps the adapter (the header's tiny command; ran by hand)
+        tiny = resolved(stage, "tiny")["model"]["init_args"]
+        assert tiny["lora"]["enabled"] and tiny["backbone"]["preset"] == "tiny"
