@@ -10,7 +10,7 @@ saves the N x N attention probabilities, which a GPU's fused flash kernel never 
 model: saved tensors whose last two dims are N x N are reported apart and left out of the comparison. The text
 encoder (precomputed embeddings), VAE and CUDA context are not in either number.
 
-    PYTHONPATH=. python benchmarks/bench_lora_memory.py [--quantize int8] [--height 256 --width 256]
+    PYTHONPATH=. python benchmarks/bench_lora_memory.py [--quantize int8] [--height 256 --width 256 --text-tokens 64]
 """
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ from lit_ovis.models.quantize import stored_bytes as tensor_bytes
 from lit_ovis.models.presets import TRANSFORMER_PRESETS
 from lit_ovis.models.text_encoder import text_ids
 from lit_ovis.models.vae import latent_image_ids
+
+
+def storage_pointers(t: torch.Tensor) -> set[int]:
+    """Data pointers of a tensor's storages, through tensor subclasses (quantised weights) to their inner data."""
+    inner = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(inner) is not torch.Tensor and hasattr(inner, "__tensor_flatten__"):
+        names, _ = inner.__tensor_flatten__()
+        return set().union(*(storage_pointers(getattr(inner, n)) for n in names))
+    return {inner.untyped_storage().data_ptr()}
 
 
 def reduced_config(double: int, single: int) -> dict:
@@ -56,7 +65,7 @@ def measure(model, cfg: dict, height: int, width: int, text_tokens: int, batch: 
     lh, lw = height // 8, width // 8
     n_img = (lh // 2) * (lw // 2)
     n = n_img + text_tokens
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {ptr for p in model.parameters() for ptr in storage_pointers(p)}
     saved: dict[int, tuple[int, bool]] = {}
 
     def pack(t):
@@ -93,9 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--targets", default="attention_mlp")
     ap.add_argument("--quantize", default="none", choices=["none", "int8"])
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--text-tokens", type=int, default=64)
+    ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--text-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
