@@ -26,7 +26,9 @@ adapter's fp32 weights, gradients and AdamW moments (16 bytes per adapter parame
 and GRPO run the adapter-off base). Autograd saves less through a frozen layer (no input kept for a weight
 gradient): per block N d e x (22.3 double / 20.2 single, 1.2 outside) with attention adapters, (27.4 / 25.3 /
 1.2) with attention + MLP, (31.4 / 27.3 / 3.6) on all linear layers, measured like the coefficients above.
-Attention is modelled as a fused (flash) kernel: no N x N score matrix is held.
+Attention is modelled as a fused (flash) kernel: no N x N score matrix is held. A quantised base dequantises each
+weight per call and autograd keeps that bf16 copy for backward (`dequantised_saved_bytes`), so int8 saves memory
+in training only together with activation checkpointing (then one block's copies at a time).
 Stages (`--stage`): sdpo adds the winner (x2 batch with --sdpo-batched) and a no-grad reference forward's working
 block; grpo takes the larger of a rollout (no grad, `--rollout-batch-size` images, x2 with CFG) and an update
 (`--batch-size` samples, x2 with CFG, plus the reference forward), and holds the stored trajectories.
@@ -153,6 +155,40 @@ def _linear_layers(cfg_json: str, targets: str):
     return list(linear.values()), [linear[n] for n in target_module_names(model, targets)]
 
 
+def dequantised_saved_bytes(cfg: dict, e: int, checkpointing: str, every_n: int) -> float:
+    """A weight-only quantised linear layer dequantises its weight per call, and autograd keeps that copy for the
+    input's gradient (measured on CPU with torchao 0.18): for every layer on the gradient path (the blocks'
+    attention and MLP projections and proj_out; not the modulation or embedding layers, whose inputs need no
+    gradient) of a block that is not checkpointed, plus one block's while it is recomputed."""
+    per_block = _grad_path_weights(json.dumps(cfg, sort_keys=True))
+    checkpointed = set(checkpointed_block_indices(len(per_block) - 1, checkpointing, every_n))
+    kept = sum(w for i, w in enumerate(per_block[:-1]) if i not in checkpointed) + per_block[-1]
+    return e * (kept + (max(per_block[:-1]) if checkpointed else 0))
+
+
+@functools.lru_cache(maxsize=16)
+def _grad_path_weights(cfg_json: str) -> list[int]:
+    """Linear weight elements on the gradient path per block (double-stream first), then outside the blocks."""
+    import torch
+    from diffusers import OvisImageTransformer2DModel
+
+    cfg = json.loads(cfg_json)
+    with torch.device("meta"):
+        model = OvisImageTransformer2DModel(**cfg)
+    blocks = [0] * (cfg["num_layers"] + cfg["num_single_layers"]) + [0]
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or ".norm" in name or name.startswith(("norm", "time_", "x_embedder", "context_embedder")):
+            continue
+        parts = name.split(".")
+        if parts[0] == "transformer_blocks":
+            blocks[int(parts[1])] += m.weight.numel()
+        elif parts[0] == "single_transformer_blocks":
+            blocks[cfg["num_layers"] + int(parts[1])] += m.weight.numel()
+        else:
+            blocks[-1] += m.weight.numel()
+    return blocks
+
+
 def frozen_base_bytes(p: int, linear: list[tuple[int, int]], base_dtype: str, quantize: str) -> float:
     """The frozen base: every parameter in `base_dtype`, or weight-only int8/float8 linear weights (1 byte each plus
     one scale per output channel in the base dtype) with the rest (norms, biases) in the base dtype."""
@@ -195,8 +231,9 @@ def estimate(preset: str, world_size: int, replicate: int, height: int, width: i
                 *([("EMA of the adapter (fp32)", 4 * adapter / shard)] if ema else [])]
         if shard > 1:
             rows.append(("gathered compute params (2 blocks)", 2 * block_params(cfg) * e))
-        if lora.quantize_base != "none":  # one layer's weight dequantised at a time
-            rows.append(("dequantised working copy (largest layer)", max(i * o for i, o in linear) * e))
+        if lora.quantize_base != "none":
+            rows.append((f"dequantised weights saved for backward ({checkpointing} checkpointing)",
+                         dequantised_saved_bytes(cfg, e, checkpointing, every_n)))
     te = TEXT_ENCODER_PRESETS["ovis2.5-2b" if preset != "tiny" else "tiny"]
     te_params = te["vocab_size"] * te["hidden_size"] + te["num_hidden_layers"] * (
         te["hidden_size"] * (te["num_attention_heads"] + 2 * te["num_key_value_heads"]) * te["head_dim"]
