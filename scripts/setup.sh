@@ -21,7 +21,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   # torch and torchvision first, pinned together (litdata needs torchvision; the pair must match).
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" || true
   .venv/bin/pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import torch, torchvision, lightning, diffusers, litdata; from diffusers import OvisImagePipeline" 
+  .venv/bin/python -c "import lit_ovis, torch, torchvision, lightning, diffusers, litdata; from diffusers import OvisImagePipeline"  # lit_ovis first: it quiets torchao's import notices
   touch "$STAMP"
 fi
 echo "environment ready: $(.venv/bin/python -c 'import torch, lightning, diffusers; print(f"torch {torch.__version__}, lightning {lightning.__version__}, diffusers {diffusers.__version__}")')"
