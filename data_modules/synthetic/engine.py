@@ -22,6 +22,8 @@ from data_modules.synthetic.vocab import COLOURS, EN_WORDS, ZH_PHRASES
 LAYOUTS = ("poster", "title_card", "label", "button", "paragraph")
 BACKGROUNDS = ("solid", "gradient", "noise", "texture")
 ASPECT_RATIOS = (1.0, 0.75, 4 / 3, 0.5, 2.0, 9 / 16, 16 / 9)
+# Starting text size per layout, as a fraction of the image's short side (shrunk until the text fits).
+LAYOUT_TEXT_SIZE = {"poster": 0.22, "title_card": 0.18, "label": 0.2, "button": 0.14, "paragraph": 0.09}
 
 _LATIN_GLOBS = ["/usr/share/fonts/truetype/dejavu/*.ttf", "/usr/share/fonts/truetype/liberation*/*.ttf"]
 _CJK_GLOBS = ["/usr/share/fonts/truetype/wqy/*.tt[fc]", "/usr/share/fonts/opentype/noto/*CJK*.tt[fc]"]
@@ -40,6 +42,22 @@ class RenderedSample:
     layout: str
     background: str
     meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """Everything one rendered sample depends on, chosen by the caller (see `TextRenderingEngine.render_spec`)."""
+
+    text: str
+    language: str
+    layout: str
+    background: str
+    bg: str  # background colour name (a key of COLOURS)
+    fg: str  # text colour name
+    size: tuple[int, int]  # (width, height) in pixels
+    font: str  # TrueType file
+    text_size: float  # starting text size as a fraction of the short side; shrunk until one line fits
+    seed: str  # drives background noise / gradient and the caption's wording
 
 
 class TextRenderingEngine:
@@ -94,9 +112,9 @@ class TextRenderingEngine:
         return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
 
     # ---------------------------------------------------------------------------------------- render
-    def _font(self, rng: random.Random, language: str, size: int):
+    def _font_path(self, rng: random.Random, language: str) -> str:
         pool = self.cjk_fonts if language == "zh" or not self.latin_fonts else self.latin_fonts
-        return ImageFont.truetype(rng.choice(pool), size)
+        return rng.choice(pool)
 
     @staticmethod
     def _wrap(draw, text: str, font, max_width: int, language: str) -> list[str]:
@@ -114,6 +132,41 @@ class TextRenderingEngine:
             lines.append(line)
         return lines
 
+    @classmethod
+    def _place_text(cls, image: Image.Image, text: str, language: str, layout: str, font_path: str, fg_name: str,
+                    bg_name: str, text_size: float, single_line: bool = False) -> tuple[str, str, int]:
+        """Draw `text` in `layout` onto `image`, starting at `text_size` x the short side and shrinking until it
+        fits (on one line when `single_line`). Returns the caption's (text colour, surface colour, font px)."""
+        w, h = image.size
+        draw = ImageDraw.Draw(image)
+        fg = COLOURS[fg_name][0]
+        margin = int(min(w, h) * 0.08)
+        size = max(10, int(min(w, h) * text_size))
+        font = ImageFont.truetype(font_path, size)
+        lines = cls._wrap(draw, text, font, w - 2 * margin, language)
+        while size > 10 and (len(lines) * size * 1.25 > h - 2 * margin or max(draw.textlength(line, font=font) for line in lines) > w - 2 * margin
+                             or (single_line and len(lines) > 1)):
+            size = int(size * 0.85)
+            font = ImageFont.truetype(font_path, size)
+            lines = cls._wrap(draw, text, font, w - 2 * margin, language)
+        line_h = int(size * 1.25)
+        block_h = line_h * len(lines)
+        y = (h - block_h) // 2 if layout != "title_card" else margin
+        if layout == "button":
+            bw = max(draw.textlength(line, font=font) for line in lines) + 2 * size
+            x0, y0 = (w - bw) / 2, (h - block_h) / 2 - size * 0.4
+            draw.rounded_rectangle([x0, y0, x0 + bw, y0 + block_h + size * 0.8], radius=size // 2, fill=fg)
+            # Text takes the background colour; the surface described in the caption is the button.
+            fg_name, fg, bg_name = bg_name, COLOURS[bg_name][0], fg_name
+        if layout == "label":
+            draw.rectangle([margin // 2, margin // 2, w - margin // 2, h - margin // 2], outline=fg, width=max(2, size // 8))
+        for line in lines:
+            tw = draw.textlength(line, font=font)
+            x = margin if layout == "paragraph" else (w - tw) / 2
+            draw.text((x, y), line, font=font, fill=fg)
+            y += line_h
+        return fg_name, bg_name, size
+
     def render(self, index: int, aspect_ratio: float | None = None, language: str | None = None, text: str | None = None) -> RenderedSample:
         rng = random.Random(f"{self.seed}-{index}")
         lang_draw = rng.random()  # always drawn, so forcing the language keeps the rest of the layout
@@ -128,36 +181,23 @@ class TextRenderingEngine:
         drawn = self._text(rng, language, layout)  # always drawn, so a given text keeps the same layout
         text = text if text is not None else drawn
         image = self._background(rng, (w, h), background, bg)
-        draw = ImageDraw.Draw(image)
         # Text colour: the named colour with the best contrast against the background.
         fg_name = max(sorted(COLOURS), key=lambda n: sum(abs(a - b) for a, b in zip(COLOURS[n][0], bg)) + rng.random() * 60)
-        fg = COLOURS[fg_name][0]
-        margin = int(min(w, h) * 0.08)
-        size = max(10, int(min(w, h) * {"poster": 0.22, "title_card": 0.18, "label": 0.2, "button": 0.14, "paragraph": 0.09}[layout]))
-        font = self._font(rng, language, size)
-        lines = self._wrap(draw, text, font, w - 2 * margin, language)
-        while size > 10 and (len(lines) * size * 1.25 > h - 2 * margin or max(draw.textlength(line, font=font) for line in lines) > w - 2 * margin):
-            size = int(size * 0.85)
-            font = ImageFont.truetype(font.path, size)
-            lines = self._wrap(draw, text, font, w - 2 * margin, language)
-        line_h = int(size * 1.25)
-        block_h = line_h * len(lines)
-        y = (h - block_h) // 2 if layout != "title_card" else margin
-        if layout == "button":
-            bw = max(draw.textlength(line, font=font) for line in lines) + 2 * size
-            x0, y0 = (w - bw) / 2, (h - block_h) / 2 - size * 0.4
-            draw.rounded_rectangle([x0, y0, x0 + bw, y0 + block_h + size * 0.8], radius=size // 2, fill=fg)
-            # Text takes the background colour; the surface described in the caption is the button.
-            fg_name, fg, bg_name = bg_name, bg, fg_name
-        if layout == "label":
-            draw.rectangle([margin // 2, margin // 2, w - margin // 2, h - margin // 2], outline=fg, width=max(2, size // 8))
-        for line in lines:
-            tw = draw.textlength(line, font=font)
-            x = margin if layout == "paragraph" else (w - tw) / 2
-            draw.text((x, y), line, font=font, fill=fg)
-            y += line_h
+        font_path = self._font_path(rng, language)
+        fg_name, bg_name, _ = self._place_text(image, text, language, layout, font_path, fg_name, bg_name, LAYOUT_TEXT_SIZE[layout])
         caption = self.caption(rng, text, language, layout, background, fg_name, bg_name)
-        return RenderedSample(image, caption, text, language, layout, background, {"index": index, "font": font.path, "aspect_ratio": w / h})
+        return RenderedSample(image, caption, text, language, layout, background, {"index": index, "font": font_path, "aspect_ratio": w / h})
+
+    def render_spec(self, spec: RenderSpec) -> RenderedSample:
+        """Render exactly what `spec` says (the text task's samples); its seed only drives background noise
+        and the caption's wording, so two specs that differ in one field differ only there."""
+        rng = random.Random(spec.seed)
+        image = self._background(rng, spec.size, spec.background, COLOURS[spec.bg][0])
+        fg_name, bg_name, font_px = self._place_text(image, spec.text, spec.language, spec.layout, spec.font, spec.fg, spec.bg,
+                                                     spec.text_size, single_line=True)
+        caption = self.caption(rng, spec.text, spec.language, spec.layout, spec.background, fg_name, bg_name)
+        return RenderedSample(image, caption, spec.text, spec.language, spec.layout, spec.background,
+                              {"font": spec.font, "font_px": font_px, "aspect_ratio": spec.size[0] / spec.size[1], "fg": fg_name, "bg": bg_name})
 
     @staticmethod
     def corrupt(text: str, seed: int) -> str:
