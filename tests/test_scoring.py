@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,18 @@ def test_cvtg_metrics_chinese_use_characters():
     assert ws.ned == pytest.approx([1.0, 1.0, 1 - 1 / (1 + EPS), 1.0])
     assert word_accuracy("你好 世界", "你好世界") == 1.0  # spaces do not count in Chinese
     assert word_accuracy("“你好”，世界！", "你好世界") == 1.0  # nor punctuation
+
+
+def test_word_accuracy_interval_covers_the_estimate_and_narrows_with_more_images():
+    from lit_ovis.scoring.metrics import word_accuracy_interval
+
+    small = [WordScores(2, 1), WordScores(1, 1), WordScores(1, 0), WordScores(2, 2)] * 5
+    low, high = word_accuracy_interval(small)
+    assert low < pool_words(small)["word_accuracy"] < high
+    wide = high - low
+    low, high = word_accuracy_interval(small * 10)
+    assert high - low < 0.5 * wide
+    assert word_accuracy_interval([WordScores(1, 1)] * 8) == (1.0, 1.0)
 
 
 def test_longtext_text_accuracy_by_hand():
@@ -102,6 +115,45 @@ def test_ocr_reads_rendered_english_and_chinese(ocr):
     # one read gives every metric
     _, details = ocr.score_with_details([en[0].image], [""], [{"target_text": en[0].text}])
     assert set(details[0]) >= {"ocr_text", "word_accuracy", "ned", "text_accuracy", "reward", "word_ned"}
+
+
+def test_fast_recognition_path_reads_rendered_words_in_batches():
+    """Detection-free batched recognition (the GRPO reward path) on the word task's small single-line renders."""
+    from data_modules.synthetic.word_task import WordTask, WordTaskConfig
+
+    fast = build_scorer("ocr", mode="recognize", batch_size=32)
+    task = WordTask(WordTaskConfig(en_words=8, zh_words=4, heldout_samples=24))
+    samples = [s for _, s in task.samples("heldout")]
+    calls, session = [], fast.engine.text_rec.session
+
+    class Counting:  # the recogniser's ONNX session, counting its calls
+        def __call__(self, batch):
+            calls.append(len(batch))
+            return session(batch)
+
+    fast.engine.text_rec.session = Counting()
+    texts = fast.read([s.image for s in samples])
+    assert len(calls) == 1  # 24 images, one ONNX call
+    for language in ("en", "zh"):
+        pick = [(t, s) for t, s in zip(texts, samples) if s.language == language]
+        acc = pool_words([word_scores(t, s.text) for t, s in pick])["word_accuracy"]
+        assert len(pick) >= 8 and acc >= 0.9, pick
+    right, _ = fast.score_with_details([samples[0].image], [""], [{"target_text": samples[0].text}])
+    wrong = fast.score([samples[0].image], [""], [{"target_text": "zebra"}])
+    assert right.item() > 0.9 and wrong.item() < 0.3
+    with pytest.raises(ValueError, match="mode"):
+        build_scorer("ocr", mode="fast")
+
+
+def test_text_band_crops_to_the_text_and_keeps_plain_images():
+    from lit_ovis.scoring.ocr import text_band
+
+    image = np.full((96, 96, 3), 240, dtype=np.uint8)
+    image[40:56, 20:70] = 10  # a dark "word"
+    crop = text_band(image)
+    assert crop.shape[0] < 40 and crop.shape[1] < 80
+    assert (crop < 128).any(axis=-1).sum() == 16 * 50  # the whole word is inside
+    assert text_band(np.full((32, 32, 3), 7, dtype=np.uint8)).shape == (32, 32, 3)
 
 
 def test_brightness_scorer_and_ensemble():

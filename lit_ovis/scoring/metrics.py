@@ -140,6 +140,24 @@ def pool_words(scores: list[WordScores]) -> dict[str, float | int]:
             "ned": sum(sims) / len(sims) if sims else None, "words": total}
 
 
+def word_accuracy_interval(scores: list[WordScores], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the pooled word accuracy, resampling images (the words of one image are
+    not independent, e.g. the characters of a Chinese word), so two runs can be compared on the same prompts."""
+    import random
+
+    scores = [s for s in scores if s.total]
+    if not scores:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(resamples):
+        pick = [scores[rng.randrange(len(scores))] for _ in scores]
+        stats.append(sum(s.correct for s in pick) / sum(s.total for s in pick))
+    stats.sort()
+    tail = (1 - level) / 2
+    return stats[int(tail * (resamples - 1))], stats[int(round((1 - tail) * (resamples - 1)))]
+
+
 def text_match(prediction: str, target: str, language: str | None = None) -> tuple[int, int]:
     """LongText-Bench (matched units, target units) for one image: words (EN) or characters (ZH)."""
     language = language or language_of(target)
