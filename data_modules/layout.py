@@ -20,6 +20,10 @@ from pathlib import Path
 from lit_ovis.files import atomic_write_json
 
 REPORT = "report.json"
+LATENT_KEYS = ("latents", "latents_w", "latents_l")  # what a record's latents are stored under (prepare / pairs)
+# Latent geometry a resolution's report records (absent in older datasets: FLUX's 16 channels at 8x).
+GEOMETRY_KEYS = ("latent_channels", "latent_scale")
+DEFAULT_GEOMETRY = (16, 8)
 WORK = "_work"
 DEFAULT_MERGE_CHUNK_BYTES = 1 << 20  # unused by a merge; LitData needs a value
 FORMAT = 2  # 1: a single top-level report.json with one `resolution` (older prepare / make-pairs outputs)
@@ -86,7 +90,8 @@ def update_root_report(root: Path) -> dict:
         rep = read_json(d / REPORT)
         if rep is None:
             continue
-        resolutions[d.name] = {k: rep[k] for k in ("inputs", "kept", "buckets", "has_prompt_embeds", "fingerprint", "kind") if k in rep}
+        keep = ("inputs", "kept", "buckets", "has_prompt_embeds", "fingerprint", "kind", *GEOMETRY_KEYS)
+        resolutions[d.name] = {k: rep[k] for k in keep if k in rep}
     report = {
         "format": FORMAT,
         "resolutions": resolutions,
@@ -96,6 +101,13 @@ def update_root_report(root: Path) -> dict:
     }
     atomic_write_json(root / REPORT, report)
     return report
+
+
+def latent_geometry(report: dict | None) -> tuple[int, int]:
+    """(latent channels, pixels per latent cell) of a resolution's report; FLUX's (16, 8) when it does not say."""
+    if not report or any(k not in report for k in GEOMETRY_KEYS):
+        return DEFAULT_GEOMETRY
+    return int(report["latent_channels"]), int(report["latent_scale"])
 
 
 def report_buckets(report: dict) -> dict[int, list[str]]:

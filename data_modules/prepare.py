@@ -293,10 +293,27 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:32]
 
 
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin")
+
+
+def model_files_identity(source: str | None) -> list | None:
+    """Name, size and mtime of a local model folder's config and weight files (None for presets and hub ids):
+    an encoder retrained in place (e.g. `lit-ovis train-autoencoder --overwrite`) changes every shard key."""
+    path = Path(source) if source else None
+    if path is None or not path.is_dir():
+        return None
+    files = sorted({f for pattern in MODEL_FILES for f in path.rglob(pattern) if f.is_file()})
+    return [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def _record_fields(cfg: PrepareConfig) -> dict:
     fields = {k: getattr(cfg, k) for k in RECORD_FIELDS}
     if cfg.stored_text == "tokens":  # only then: the keys of every earlier cache stay valid
         fields["text_storage"] = "tokens"
+    for name in ("vae", "text_encoder"):  # only local folders add a key, so preset/hub caches keep theirs
+        identity = model_files_identity(getattr(cfg, name))
+        if identity is not None:
+            fields[f"{name}_files"] = identity
     return fields
 
 
@@ -311,10 +328,11 @@ def shard_keys(records: list[Record], cfg: PrepareConfig) -> list[str]:
 READER_FIELDS = ("caption_field", "image_field", "metadata_filters", "caption_encoding", "shard_size")
 
 
-def unit_key(unit: Unit, cfg: PrepareConfig) -> str:
+def unit_key(unit: Unit, cfg: PrepareConfig, fields: dict | None = None) -> str:
     """Cache key of a unit: a list unit by its records' content (`shard_keys`), a container unit by the file's
-    identity (URL, size, version) and the settings that change what it yields."""
-    fields = _record_fields(cfg)
+    identity (URL, size, version) and the settings that change what it yields. `fields`: `_record_fields(cfg)`,
+    computed once by callers that key many units (it reads local model folders' file stats)."""
+    fields = _record_fields(cfg) if fields is None else fields
     if unit.records is not None:
         return _digest([FORMAT, fields, [_record_identity(r) for r in unit.records]])
     return _digest([FORMAT, fields, {k: getattr(cfg, k) for k in READER_FIELDS}, unit.identity])
@@ -396,10 +414,10 @@ def _prepare_unit(unit: Unit, path: Path, cfg: PrepareConfig, buckets, encoders:
 def _listing(source: Source, cfg: PrepareConfig, col: Collective) -> tuple[list[Unit], list[str]]:
     """Every unit of the input, without its records (a list unit is read again when it is encoded, so a manifest is
     streamed, never held whole), and the keys of this rank's units (each rank hashes its share)."""
-    units, keys = [], []
+    units, keys, fields = [], [], _record_fields(cfg)
     for u in source.units(cfg.shard_size):
         if u.index % col.world == col.rank:
-            keys.append(unit_key(u, cfg))
+            keys.append(unit_key(u, cfg, fields))
         units.append(u if u.records is None else Unit(u.index, u.name, size=u.size))
     return units, keys
 
@@ -410,11 +428,11 @@ def _reread(source: Source, units: list[Unit], todo: list[int], keys: list[str],
     if all(units[i].opener is not None for i in todo):
         yield from (units[i] for i in todo)
         return
-    remaining = set(todo)
+    remaining, fields = set(todo), _record_fields(cfg)
     for u in source.units(cfg.shard_size):
         if u.index not in remaining:
             continue
-        if u.records is not None and unit_key(u, cfg) != keys[u.index]:
+        if u.records is not None and unit_key(u, cfg, fields) != keys[u.index]:
             raise DataError(f"{u.name}: the input changed while prepare was running (these records differ from the listing); rerun prepare")
         remaining.discard(u.index)
         yield u
@@ -604,10 +622,12 @@ def _prepare(source: Source, cfg: PrepareConfig, progress: bool, spec: ShardSpec
 
     dedup = on_rank0(col, first_pass, "deduplicate")
     writer = BucketedWriter(out, cfg.resolution, chunk_bytes_for(cfg.write_buffer_mb, len(buckets)), col.rank, col.world, fresh=False)
-    sizes = everywhere(col, lambda: _write_owned(writer, units, paths, ShardSpec(col.rank, col.world), dedup["dropped"]), "write their part")
-    total = Counter()
-    for part in sizes:
-        total.update(part)
+    parts = everywhere(col, lambda: (_write_owned(writer, units, paths, ShardSpec(col.rank, col.world), dedup["dropped"]),
+                                     writer.geometry), "write their part")
+    total, geometry = Counter(), {}
+    for sizes, rank_geometry in parts:
+        total.update(sizes)
+        geometry = geometry or rank_geometry  # rank 0 may have written nothing: any rank's items tell the geometry
 
     def publish() -> dict:
         report = writer.publish({  # the report travels inside the dataset swap; the root report is rebuilt
@@ -626,7 +646,7 @@ def _prepare(source: Source, cfg: PrepareConfig, progress: bool, spec: ShardSpec
             "processed_this_run": processed,
             "reused_shards": reused,
             "seconds_this_run": round(time.perf_counter() - start, 3),
-        }, dict(total))
+        }, dict(total), geometry)
         _clean_work(work, paths, out, cfg.keep_work)
         return report
 

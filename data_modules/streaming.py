@@ -59,14 +59,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_modules.chunks import ChunkDamage, ChunkSalvage, index_problem, scan_chunks
-from data_modules.layout import BUCKET_DIR, REPORT, report_buckets
+from data_modules.layout import BUCKET_DIR, LATENT_KEYS, REPORT, latent_geometry, read_json, report_buckets
 from data_modules.rank0 import build_on_rank0
 from lit_ovis.errors import ConfigError, DataError
 from lit_ovis.files import is_remote
 
 log = logging.getLogger(__name__)
 
-LATENT_KEYS = ("latents", "latents_w", "latents_l")
 TOKEN_KEY = "prompt_token_ids"
 VAL_EPOCH = -1  # sampler keys with this epoch are validation / predict items: no training progress
 
@@ -123,9 +122,28 @@ def bucket_key(bucket_dir: str) -> str:
     return "/".join(bucket_dir.rstrip("/").split("/")[-2:])
 
 
+def resolution_report(bucket_dir: str) -> dict | None:
+    """The report of the resolution a bucket belongs to (`<root>/<resolution>/report.json`), local or remote."""
+    parent = bucket_dir.rstrip("/").rsplit("/", 1)[0]
+    if is_remote(parent):
+        import fsspec
+
+        try:
+            with fsspec.open(f"{parent}/{REPORT}", "r") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+    return read_json(Path(parent) / REPORT)
+
+
 def latent_shape(bucket_dir: str) -> tuple[int, int, int] | None:
+    """Shape every latent of a bucket must have: (channels, H / s, W / s) with the latent channels and the VAE
+    factor s its resolution's report records (FLUX's 16 channels at 8x for datasets that predate the record)."""
     m = BUCKET_DIR.match(bucket_dir.rstrip("/").split("/")[-1])
-    return (16, int(m.group(2)) // 8, int(m.group(1)) // 8) if m else None
+    if not m:
+        return None
+    channels, scale = latent_geometry(resolution_report(bucket_dir))
+    return channels, int(m.group(2)) // scale, int(m.group(1)) // scale
 
 
 # ------------------------------------------------------------------------------------------- plans

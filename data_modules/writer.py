@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from data_modules.buckets import bucket_name
-from data_modules.layout import REPORT, bucket_writer, merge_rank_indexes, swap_in, temp_dir, update_root_report
+from data_modules.layout import BUCKET_DIR, LATENT_KEYS, REPORT, bucket_writer, merge_rank_indexes, swap_in, temp_dir, update_root_report
 from lit_ovis.files import atomic_write_json
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -40,6 +40,16 @@ def chunk_bytes_for(budget_mb: int, n_buckets: int) -> int:
     """LitData chunk size when all bucket writers are open at once: their buffers share a RAM budget."""
     mb = 1 << 20
     return int(min(64 * mb, max(4 * mb, budget_mb * mb // max(n_buckets, 1))))
+
+
+def latent_geometry_of(bucket: str, item: dict[str, Any]) -> dict[str, int]:
+    """`latent_channels` and `latent_scale` (pixels per latent cell) of an item's latents in a `<W>x<H>` bucket:
+    what the data module checks every latent's shape against (FLUX's VAE: 16 and 8, the CPU-scale one: 16 and 4)."""
+    latents = next((item[k] for k in LATENT_KEYS if k in item), None)
+    match = BUCKET_DIR.match(bucket)
+    if latents is None or match is None:
+        return {}
+    return {"latent_channels": int(latents.shape[0]), "latent_scale": int(match.group(1)) // int(latents.shape[-1])}
 
 
 class BucketedWriter:
@@ -60,9 +70,12 @@ class BucketedWriter:
             self.tmp.mkdir(parents=True, exist_ok=True)
         self.writers: dict[str, Any] = {}
         self.sizes: Counter = Counter()
+        self.geometry: dict[str, int] = {}  # latent channels and VAE factor, read off the first item
 
     def add(self, bucket: tuple[int, int] | str, item: dict[str, Any]) -> None:
         name = bucket if isinstance(bucket, str) else bucket_name(bucket)
+        if not self.geometry:
+            self.geometry = latent_geometry_of(name, item)
         if name not in self.writers:
             self.writers[name] = bucket_writer(self.tmp / name, self.chunk_bytes, self.rank, self.world)
         self.writers[name][self.sizes[name]] = item
@@ -81,15 +94,18 @@ class BucketedWriter:
                 writer.merge()
         return self.buckets
 
-    def publish(self, report: dict[str, Any], buckets: dict[str, int] | None = None) -> dict[str, Any]:
+    def publish(self, report: dict[str, Any], buckets: dict[str, int] | None = None,
+                geometry: dict[str, int] | None = None) -> dict[str, Any]:
         """Rank 0, once every rank has closed: join the ranks' indexes (`buckets`: every rank's items per bucket,
-        summed), write `report` (with `resolution` and `buckets` added) inside the dataset, swap it in at
-        `<root>/<resolution>/` and rebuild `<root>/report.json`."""
+        summed), write `report` (with `resolution`, the latent geometry and `buckets` added) inside the dataset,
+        swap it in at `<root>/<resolution>/` and rebuild `<root>/report.json`. `geometry`: the latent channels and
+        scale any rank read off its items (rank 0 may have written none); this writer's own when not given."""
         buckets = self.buckets if buckets is None else dict(sorted(buckets.items()))
         if self.world > 1:
             for name in buckets:
                 merge_rank_indexes(self.tmp / name, self.world)
-        report = {"resolution": self.resolution, **report, "buckets": buckets}
+        geometry = self.geometry if geometry is None else geometry
+        report = {"resolution": self.resolution, **report, **geometry, "buckets": buckets}
         atomic_write_json(self.tmp / REPORT, report)  # the report travels inside the swap with its data
         swap_in(self.tmp, self.root / str(self.resolution))
         update_root_report(self.root)

@@ -10,6 +10,8 @@ VERBS = {
     "validate": ("lit_ovis.cli.lightning_cli", "validate a checkpoint"),
     "predict": ("lit_ovis.cli.lightning_cli", "write PNGs for a prompt file"),
     "prepare": ("data_modules.prepare", "images / manifest / tars / Parquet / synthetic engine -> bucketed LitData latents (sharded over GPUs and nodes)"),
+    "word-task": ("lit_ovis.cli.word_task", "render the CPU-scale word-rendering task (train / held-out / unseen splits)"),
+    "train-autoencoder": ("lit_ovis.cli.autoencoder", "train (or reuse) a small decodable AutoencoderKL; OCR of its reconstructions"),
     "export": ("lit_ovis.cli.export", "training checkpoint -> diffusers OvisImagePipeline folder"),
     "eval": ("lit_ovis.cli.eval", "generate + score a prompt set; JSON metrics and HTML gallery"),
     "make-pairs": ("data_modules.make_pairs", "build DPO preference pairs with a scorer ensemble"),

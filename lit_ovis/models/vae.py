@@ -1,7 +1,10 @@
 """Frozen FLUX.1 16-channel VAE, latent normalisation, 2x2 packing and the 3-axis position ids.
 
 Conventions follow diffusers' `OvisImagePipeline` exactly, so latents prepared here feed the pipeline and
-the other way round.
+the other way round. The pipeline derives the VAE's downsampling factor from its config
+(`2 ** (len(block_out_channels) - 1)`: 8 for FLUX's VAE, 4 for a 3-level one such as the CPU-scale autoencoder
+of `lit_ovis.models.autoencoder_training`) and the latent channels from the transformer (`in_channels // 4`);
+so do `latent_size` and `FluxVAE.scale_factor` here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from lit_ovis.errors import CheckpointError
 from lit_ovis.files import check_weights_source, hub_load_failure
 from lit_ovis.models.presets import TINY_SEED, VAE_PRESETS
 
-VAE_SCALE = 8  # pixels per latent cell
+VAE_SCALE = 8  # pixels per latent cell of FLUX's VAE (the default wherever no VAE is at hand)
+LATENT_CHANNELS = 16
 PATCH = 2  # latents are packed in 2x2 patches -> image sides must be multiples of 16
 
 
@@ -43,9 +47,14 @@ def latent_image_ids(latent_h: int, latent_w: int, device=None, dtype=torch.floa
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(dtype)
 
 
-def latent_size(height: int, width: int) -> tuple[int, int]:
-    """Latent sides for an image size, rounded down like the pipeline does."""
-    return 2 * (height // (VAE_SCALE * PATCH)), 2 * (width // (VAE_SCALE * PATCH))
+def latent_size(height: int, width: int, scale: int = VAE_SCALE) -> tuple[int, int]:
+    """Latent sides for an image size and VAE downsampling factor, rounded down like the pipeline does."""
+    return 2 * (height // (scale * PATCH)), 2 * (width // (scale * PATCH))
+
+
+def scale_factor_of(config) -> int:
+    """The pipeline's `vae_scale_factor` for an AutoencoderKL config (dict or FrozenDict)."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 class FluxVAE(nn.Module):
@@ -63,9 +72,18 @@ class FluxVAE(nn.Module):
     def shift_factor(self) -> float:
         return float(self.vae.config.shift_factor or 0.0)
 
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent cell (the pipeline's `vae_scale_factor`)."""
+        return scale_factor_of(self.vae.config)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1], [B, 3, H, W] -> normalised latents [B, 16, H/8, W/8] (mode unless `sample`)."""
+        """Images in [-1, 1], [B, 3, H, W] -> normalised latents [B, C, H/s, W/s] (mode unless `sample`)."""
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         return (z - self.shift_factor) * self.scaling_factor

@@ -43,7 +43,7 @@ from lit_ovis.modules.config import BackboneConfig, EMAConfig, EncoderConfig, Lo
 from lit_ovis.parallel.collectives import global_group_advantages, mean_over_ranks
 from lit_ovis.parallel.fsdp import ParallelConfig
 from lit_ovis.render import reward_grid
-from lit_ovis.sampling.generate import SamplingConfig, initial_noise
+from lit_ovis.sampling.generate import SamplingConfig, initial_noise, latent_channels_of
 from lit_ovis.sampling.ode import sigma_schedule, uses_cfg, velocity
 from lit_ovis.sampling.sde import SAMPLERS, Trajectory, sampler_step, sde_sample
 from lit_ovis.seeds import mix_seed, run_seed
@@ -250,11 +250,13 @@ class GRPOModule(OvisBaseModule):
         embeds = self.text_encoder.encode(prompts).to(self.device, self.compute_dtype)
         embeds = embeds.repeat_interleave(ro.group_size, 0)
         negative = self.empty_embed.expand(n, -1, -1) if uses_cfg(s.guidance_scale) else None
-        lh, lw = latent_size(s.height, s.width)
+        scale = self.vae.scale_factor
+        lh, lw = latent_size(s.height, s.width, scale)
         img = latent_image_ids(lh, lw, device=self.device, dtype=embeds.dtype)
         txt = text_ids(embeds.shape[1], device=self.device, dtype=embeds.dtype)
         gen = torch.Generator(device=self.device).manual_seed(mix_seed(run_seed(), self.global_rank, self.global_step))
-        noise = initial_noise(n, s.height, s.width, gen, device=self.device, dtype=embeds.dtype)
+        noise = initial_noise(n, s.height, s.width, gen, device=self.device, dtype=embeds.dtype,
+                              channels=latent_channels_of(self.backbone), scale=scale)
         sigmas = sigma_schedule(s.steps, noise.shape[1], s.base_seq_len, s.max_seq_len, s.base_shift, s.max_shift)
         was_training = self.backbone.training
         self.backbone.eval()

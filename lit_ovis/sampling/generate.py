@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lit_ovis.models.text_encoder import OvisTextEncoder, text_ids
-from lit_ovis.models.vae import FluxVAE, latent_image_ids, latent_size, pack_latents, unpack_latents
+from lit_ovis.models.vae import LATENT_CHANNELS, VAE_SCALE, FluxVAE, latent_image_ids, latent_size, pack_latents, unpack_latents
 from lit_ovis.sampling.ode import euler_sample, sigma_schedule, uses_cfg
 
 
@@ -44,13 +44,20 @@ class SamplingConfig:
 
 def initial_noise(
     batch: int, height: int, width: int, generator: torch.Generator | None, device=None, dtype=torch.float32,
-    channels: int = 16,
+    channels: int = LATENT_CHANNELS, scale: int = VAE_SCALE,
 ) -> torch.Tensor:
-    """Packed Gaussian noise drawn exactly like the pipeline (unpacked [B,16,h,w] draw, then packed)."""
-    h, w = latent_size(height, width)
+    """Packed Gaussian noise drawn exactly like the pipeline (unpacked [B,C,h,w] draw, then packed); `channels`
+    is the transformer's in_channels // 4 and `scale` the VAE's downsampling factor."""
+    h, w = latent_size(height, width, scale)
     gen_device = generator.device if generator is not None else device
     noise = torch.randn((batch, channels, h, w), generator=generator, device=gen_device, dtype=dtype)
     return pack_latents(noise.to(device))
+
+
+def latent_channels_of(transformer) -> int:
+    """Latent channels the transformer denoises: its packed 2x2 patches have in_channels = 4 x channels."""
+    config = getattr(transformer, "config", None)
+    return int(config.in_channels) // 4 if config is not None and "in_channels" in config else LATENT_CHANNELS
 
 
 @torch.no_grad()
@@ -63,13 +70,15 @@ def generate_latents(
     cfg: SamplingConfig,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    scale: int = VAE_SCALE,
 ) -> torch.Tensor:
-    """Sample unpacked normalised latents [B, 16, h, w] from text embeddings."""
+    """Sample unpacked normalised latents [B, C, h, w] from text embeddings (`scale`: the VAE's factor)."""
     device, dtype = prompt_embeds.device, prompt_embeds.dtype
     b = prompt_embeds.shape[0]
     if noise is None:
-        noise = initial_noise(b, height, width, generator, device=device, dtype=dtype)
-    h, w = latent_size(height, width)
+        noise = initial_noise(b, height, width, generator, device=device, dtype=dtype,
+                              channels=latent_channels_of(transformer), scale=scale)
+    h, w = latent_size(height, width, scale)
     img_ids = latent_image_ids(h, w, device=device, dtype=dtype)
     txt = text_ids(prompt_embeds.shape[1], device=device, dtype=dtype)
     sigmas = sigma_schedule(cfg.steps, noise.shape[1], cfg.base_seq_len, cfg.max_seq_len, cfg.base_shift, cfg.max_shift)
@@ -103,10 +112,12 @@ def generate_images(
     if uses_cfg(cfg.guidance_scale):
         negative = text_encoder.encode([cfg.negative_prompt] * len(prompts)).to(device, dtype)
     # One generator per sample so an image does not depend on its batch neighbours.
+    channels, scale = latent_channels_of(transformer), vae.scale_factor
     noise = torch.cat([
-        initial_noise(1, height, width, torch.Generator("cpu").manual_seed(s), device=device, dtype=embeds.dtype)
+        initial_noise(1, height, width, torch.Generator("cpu").manual_seed(s), device=device, dtype=embeds.dtype,
+                      channels=channels, scale=scale)
         for s in seeds
     ])
-    latents = generate_latents(transformer, embeds, negative, height, width, cfg, noise=noise)
+    latents = generate_latents(transformer, embeds, negative, height, width, cfg, noise=noise, scale=scale)
     images = vae.decode(latents.to(next(vae.parameters()).device))
     return (images.float() / 2 + 0.5).clamp(0, 1)
