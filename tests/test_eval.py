@@ -235,3 +235,25 @@ def test_eval_callback_fires_on_optimizer_steps_under_accumulation(tmp_path):
         trainer.fit(tiny_flow_module(), loader(LatentSet(n=8), batch_size=1))
     assert trainer.global_step == 3
     assert spy.steps == [1, 2, 3]  # once per optimizer step, not once per micro-batch (6 micro-batches)
+
+
+def test_records_with_their_own_size_are_sampled_at_it_unless_the_command_sets_one(checkpoint, tmp_path):
+    from PIL import Image
+
+    module, _ = checkpoint
+    calls = []
+
+    class Recording:
+        def sample(self, prompts, seed, steps, guidance_scale, height, width):
+            calls.append((len(prompts), height, width))
+            return module.sample(prompts, seed=seed, steps=2, height=height, width=width)
+
+    items = [{"prompt": p, "target_text": p.upper(), "language": "en", **size} for p, size in
+             [("a", {"width": 48, "height": 16}), ("b", {"width": 32, "height": 32}), ("c", {"width": 48, "height": 16})]]
+    scorers = {"brightness": build_scorer("brightness")}
+    report = evaluate(Recording(), items, str(tmp_path / "own"), scorers, batch_size=4, progress=False)
+    assert sorted(calls) == [(1, 32, 32), (2, 16, 48)]
+    assert [Image.open(tmp_path / "own" / r["image"]).size for r in report["samples"]] == [(48, 16), (32, 32), (48, 16)]
+    calls.clear()
+    evaluate(Recording(), items, str(tmp_path / "fixed"), scorers, batch_size=4, height=32, width=32, progress=False)
+    assert calls == [(3, 32, 32)]

@@ -41,6 +41,7 @@ from lit_ovis.scoring.prompt_sets import read_prompt_set
 RECORD_KEYS = ("id", "prompt", "target_text", "target_texts", "language", "benchmark", "regions", "subset", "tag")
 OCR_FIELDS = ("ocr_text", "word_accuracy", "ned", "text_accuracy", "reward")
 CLIP_SCORERS = ("clip", "pickscore", "hps", "aesthetic")  # the scorers --clip-model gives their weights
+SIZE_KEYS = ("width", "height")  # a prompt record's own image size (e.g. the word task's buckets)
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -59,6 +60,7 @@ def model_identity(path: str, **settings) -> str:
 
 def fingerprint(item: dict, seed: int, model_id: str, sampling: dict) -> str:
     record = {k: item.get(k) for k in RECORD_KEYS}
+    record.update({k: item[k] for k in SIZE_KEYS if item.get(k)})  # only when present: older records keep their print
     blob = json.dumps({"item": record, "seed": seed, "model": model_id, "sampling": sampling}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -97,24 +99,31 @@ def evaluate(generator, items: list[dict], output_dir: str, scorers: ScorerEnsem
         for old in (out / "images").glob(f"{i:06d}-*.png"):
             old.unlink()
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="eval generate", unit="img", disable=not progress, file=sys.stderr)
-    for k in range(0, len(todo), batch_size):
-        chunk = todo[k: k + batch_size]
-        images = generator.sample([it["prompt"] for _, it in chunk], seed=[seed + i for i, _ in chunk], steps=steps,
-                                  guidance_scale=guidance_scale, height=height, width=width)
-        for (i, _), image in zip(chunk, images):
-            _save_png(image, image_of(i))
-        bar.update(len(chunk))
+    # --height/--width apply to every prompt; otherwise a record's own width/height (else the model's default).
+    by_size: dict[tuple, list[tuple[int, dict]]] = {}
+    for i, it in todo:
+        by_size.setdefault((height or it.get("height"), width or it.get("width")), []).append((i, it))
+    for (h, w), group in by_size.items():
+        for k in range(0, len(group), batch_size):
+            chunk = group[k: k + batch_size]
+            images = generator.sample([it["prompt"] for _, it in chunk], seed=[seed + i for i, _ in chunk], steps=steps,
+                                      guidance_scale=guidance_scale, height=h, width=w)
+            for (i, _), image in zip(chunk, images):
+                _save_png(image, image_of(i))
+            bar.update(len(chunk))
     bar.close()
 
     # Score what each record lacks: everything for a new or stale record, only new scorers otherwise.
-    pending: dict[tuple[str, ...], list[tuple[int, dict, dict]]] = {}
+    # Grouped by image size too: scorers that batch pixels as one tensor need one size per call.
+    pending: dict[tuple, list[tuple[int, dict, dict]]] = {}
     for i, it in mine:
         record = _load_record(out / "records" / f"{i:06d}.json", fps[i]) or {
             **{k: it.get(k) for k in RECORD_KEYS}, "index": i, "fingerprint": fps[i], "image": f"images/{image_of(i).name}", "scores": {}}
         missing = tuple(n for n in names if n not in record["scores"])
         if missing:
-            pending.setdefault(missing, []).append((i, it, record))
-    for missing, group in pending.items():
+            size = (height or it.get("height"), width or it.get("width"))
+            pending.setdefault((missing, size), []).append((i, it, record))
+    for (missing, _), group in pending.items():
         for k in range(0, len(group), batch_size):
             chunk = group[k: k + batch_size]
             images = [Image.open(out / r["image"]).convert("RGB") for _, _, r in chunk]
@@ -212,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                                                          '\'{"aesthetic": {"head_path": "sa_0_4_vit_l_14_linear.pt"}}\'')
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="image height for every prompt (default: a record's own "
+                                                               "'height', else the model's sampling height)")
+    p.add_argument("--width", type=int, default=None, help="image width for every prompt (default: a record's own 'width', "
+                                                              "else the model's sampling width)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None)

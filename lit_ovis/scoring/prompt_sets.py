@@ -1,4 +1,5 @@
-"""Prompt-set readers. Every item: {id, prompt, target_text, target_texts, language, benchmark, regions, subset, tag}.
+"""Prompt-set readers. Every item: {id, prompt, target_text, target_texts, language, benchmark, regions, subset, tag}
+(plus width/height when the entry gives its image size).
 
 Formats (checked against the benchmarks' public files):
 - our JSONL / JSON list: {"prompt", "target_text" (or text / texts / words / target / gt_text), "language"?, "id"?};
@@ -51,6 +52,9 @@ def _item(entry: dict[str, Any], default_id: str, benchmark: str, targets: list[
     item = {"id": str(entry.get("id", default_id)), "prompt": prompt, "target_text": target, "target_texts": targets,
             "language": language, "benchmark": benchmark, "regions": extra.pop("regions", None),
             "subset": extra.pop("subset", ""), "tag": entry.get("tag", "")}
+    for key in ("width", "height"):  # the image size this prompt is meant for (e.g. the word task's buckets)
+        if isinstance(entry.get(key), int) and entry[key] > 0:
+            item[key] = entry[key]
     item.update(extra)
     return item
 
