@@ -203,3 +203,17 @@ def test_a_4x_latent_space_flows_through_prepare_the_data_module_and_sampling(ma
     module.flow_loss(batches[0])  # trains on 4x latents
     images = module.sample(["hi"], height=32, width=48)
     assert images.shape == (1, 3, 32, 48)
+
+
+def test_prepare_cache_follows_an_autoencoder_retrained_in_place(manifest, tmp_path):
+    from data_modules.prepare import PrepareConfig, model_files_identity, shard_keys
+    from data_modules.records import records_from_manifest
+
+    folder = _random_folder(tmp_path / "vae", levels=3)
+    records = records_from_manifest(manifest)
+    cfg = PrepareConfig(output_dir=str(tmp_path / "lat"), resolution=32, vae=str(folder))
+    before = shard_keys(records, cfg)
+    assert shard_keys(records, cfg) == before
+    _random_folder(tmp_path / "vae", levels=3)  # same path, new weights (train-autoencoder --overwrite)
+    assert shard_keys(records, cfg) != before
+    assert model_files_identity("tiny") is None  # presets and hub ids keep the keys they always had

@@ -100,3 +100,25 @@ def test_bad_settings_name_the_option():
         WordTask(WordTaskConfig(en_words=10_000))
     with pytest.raises(ConfigError, match="font"):
         WordTask(WordTaskConfig(**{**SMALL, "latin_font": "NoSuchFont.ttf"}))
+
+
+def test_word_data_renders_trains_and_prepares_once(tmp_path):
+    """The whole CPU-scale input chain (task -> autoencoder -> prepared latents with text embeddings) is cached:
+    a rerun does no work, a changed task retrains the autoencoder in place and prepares its latents again."""
+    from data_modules.streaming import LatentDataModule
+    from data_modules.word_data import ensure_word_data
+    from lit_ovis.models.autoencoder_training import AutoencoderConfig
+
+    ae = AutoencoderConfig(block_out_channels=(8, 8, 8), norm_num_groups=4, steps=3, batch_size=4, stats_images=8)
+    tiny = {**SMALL, "train_samples": 12, "heldout_samples": 6, "unseen_samples": 3}
+    first = ensure_word_data(tmp_path / "w", WordTaskConfig(**tiny), ae, max_sequence_length=16, log=None)
+    assert first.reports["autoencoder"]["trained_this_run"] and first.reports["latents"]["kept"] == 12
+    assert (first.reports["latents"]["latent_channels"], first.reports["latents"]["latent_scale"]) == (16, 4)
+    dm = LatentDataModule(root=str(first.latents), batch_size=1, num_workers=0, resolutions=[96])
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["latents"].shape[1] == 16 and batch["prompt_embeds"].shape[1] <= 16
+    again = ensure_word_data(tmp_path / "w", WordTaskConfig(**tiny), ae, max_sequence_length=16, log=None)
+    assert not again.reports["autoencoder"]["trained_this_run"] and again.reports["latents"]["processed_this_run"] == 0
+    changed = ensure_word_data(tmp_path / "w", WordTaskConfig(**{**tiny, "seed": 1}), ae, max_sequence_length=16, log=None)
+    assert changed.reports["autoencoder"]["trained_this_run"] and changed.reports["latents"]["processed_this_run"] == 12
