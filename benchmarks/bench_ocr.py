@@ -70,11 +70,11 @@ def word_task_paths(n: int, batch_size: int, rounds: int, out: str) -> None:
         "# OCR reading paths on the word task (CPU, 2 shared cores)", "",
         f"{len(images)} held-out images of the word task (`WordTaskConfig()` defaults: sizes {sizes}, one upper-case English word "
         "or two Chinese characters per image). Both paths of the `ocr` scorer read the same images in one process, "
-        f"interleaved over {rounds} rounds (median images/s; batches of {batch_size}); single-threaded ONNX sessions would be slower, "
-        "the machine was shared with other jobs, so the ratio is the robust number.", "",
+        f"interleaved over {rounds} rounds (median images/s; batches of {batch_size}; ONNX Runtime's default threads). The machine "
+        "was shared with other jobs, so the ratio is the robust number.", "",
         "| path | images/s (median) | speed-up |", "| --- | --- | --- |",
         *[f"| {name} | {median[name]:.2f} | {median[name] / median['detect']:.1f}x |" for name in paths], "",
-        "| path | language | images | word accuracy (CVTG-2K) | NED |", "| --- | --- | --- | --- | --- |",
+        "| path | language | images | word accuracy (CVTG-2K, pooled over words) | NED |", "| --- | --- | --- | --- | --- |",
         *[f"| {n} | {lang} | {k} | {a:.3f} | {e:.3f} |" for n, lang, k, a, e in rows],
     ]
     Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")

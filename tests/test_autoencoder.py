@@ -217,3 +217,19 @@ def test_prepare_cache_follows_an_autoencoder_retrained_in_place(manifest, tmp_p
     _random_folder(tmp_path / "vae", levels=3)  # same path, new weights (train-autoencoder --overwrite)
     assert shard_keys(records, cfg) != before
     assert model_files_identity("tiny") is None  # presets and hub ids keep the keys they always had
+
+
+def test_cli_trains_reuses_and_reports_reconstruction_ocr(manifest, tmp_path, capsys):
+    from lit_ovis.__main__ import main
+
+    args = ["train-autoencoder", "--manifest", manifest, "--output-dir", str(tmp_path / "ae"), "--block-out-channels", "8,8,8",
+            "--norm-num-groups", "4", "--steps", "2", "--batch-size", "2", "--stats-images", "4", "--log-every", "1",
+            "--eval-manifest", manifest]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"): out.rindex("}") + 1])
+    assert summary["trained_this_run"] and summary["scale_factor"] == 4
+    assert set(summary["eval"]["train"]) >= {"original", "reconstruction", "psnr_db"}  # OCR of both sides
+    assert "eval" in read_report(tmp_path / "ae")
+    assert main(args) == 0 and '"trained_this_run": false' in capsys.readouterr().out
+    assert main([*args[:-2], "--steps", "3"]) == 2 and "--overwrite" in capsys.readouterr().err

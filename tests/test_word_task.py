@@ -122,3 +122,15 @@ def test_word_data_renders_trains_and_prepares_once(tmp_path):
     assert not again.reports["autoencoder"]["trained_this_run"] and again.reports["latents"]["processed_this_run"] == 0
     changed = ensure_word_data(tmp_path / "w", WordTaskConfig(**{**tiny, "seed": 1}), ae, max_sequence_length=16, log=None)
     assert changed.reports["autoencoder"]["trained_this_run"] and changed.reports["latents"]["processed_this_run"] == 12
+
+
+def test_cli_renders_the_task_and_names_bad_options(tmp_path, capsys):
+    from lit_ovis.__main__ import main
+
+    args = ["word-task", "--output-dir", str(tmp_path / "w"), "--en-words", "2", "--zh-words", "1", "--unseen-en-words", "1",
+            "--unseen-zh-words", "1", "--train-samples", "6", "--heldout-samples", "3", "--unseen-samples", "2"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["counts"] == {"train": 6, "heldout": 3, "unseen": 2} and len(out["vocabulary"]["train"]) == 3
+    assert main(args + ["--layouts", "poster,paragraph"]) == 2
+    assert "--layouts" in capsys.readouterr().err
