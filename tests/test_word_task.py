@@ -134,3 +134,15 @@ def test_cli_renders_the_task_and_names_bad_options(tmp_path, capsys):
     assert out["counts"] == {"train": 6, "heldout": 3, "unseen": 2} and len(out["vocabulary"]["train"]) == 3
     assert main(args + ["--layouts", "poster,paragraph"]) == 2
     assert "--layouts" in capsys.readouterr().err
+
+
+def test_word_first_captions_open_with_the_quoted_word_and_keep_the_render():
+    engine_task = WordTask(WordTaskConfig(**SMALL))
+    first_task = WordTask(WordTaskConfig(**SMALL, caption_style="word_first"))
+    for (spec, a), (_, b) in zip(engine_task.samples("heldout"), first_task.samples("heldout")):
+        assert b.caption.startswith(f'"{spec.text}"') and a.image.tobytes() == b.image.tobytes()
+        assert f'"{spec.text}"' in a.caption and not a.caption.startswith('"')
+        if spec.language == "en":
+            assert f"{b.meta['fg']} letters" in b.caption
+    with pytest.raises(ConfigError, match="--caption-style"):
+        WordTask(WordTaskConfig(**SMALL, caption_style="last"))

@@ -22,6 +22,9 @@ from data_modules.synthetic.vocab import COLOURS, EN_WORDS, ZH_PHRASES
 LAYOUTS = ("poster", "title_card", "label", "button", "paragraph")
 BACKGROUNDS = ("solid", "gradient", "noise", "texture")
 ASPECT_RATIOS = (1.0, 0.75, 4 / 3, 0.5, 2.0, 9 / 16, 16 / 9)
+LAYOUT_NAMES_EN = {"poster": "A poster", "title_card": "A title card", "label": "A label", "button": "A UI button",
+                   "paragraph": "A paragraph of text"}
+LAYOUT_NAMES_ZH = {"poster": "海报", "title_card": "标题卡", "label": "标签", "button": "界面按钮", "paragraph": "文字段落"}
 # Starting text size per layout, as a fraction of the image's short side (shrunk until the text fits).
 LAYOUT_TEXT_SIZE = {"poster": 0.22, "title_card": 0.18, "label": 0.2, "button": 0.14, "paragraph": 0.09}
 
@@ -222,9 +225,12 @@ class TextRenderingEngine:
     def caption(rng: random.Random, text: str, language: str, layout: str, background: str, fg: str, bg: str) -> str:
         """A caption that quotes the rendered text exactly (EN template, or ZH template for ZH text)."""
         if language == "zh":
-            kind = {"poster": "海报", "title_card": "标题卡", "label": "标签", "button": "界面按钮", "paragraph": "文字段落"}[layout]
-            return f'一张{kind}，{COLOURS[bg][1]}背景上用{COLOURS[fg][1]}文字写着"{text}"'
-        kind = {"poster": "A poster", "title_card": "A title card", "label": "A label", "button": "A UI button", "paragraph": "A paragraph of text"}[layout]
-        bg_desc = {"solid": f"a plain {bg}", "gradient": f"a {bg} gradient", "noise": f"a grainy {bg}", "texture": f"a textured {bg}"}[background]
+            return f'一张{LAYOUT_NAMES_ZH[layout]}，{COLOURS[bg][1]}背景上用{COLOURS[fg][1]}文字写着"{text}"'
         verb = rng.choice(["with the text", "that says", "reading"])
-        return f'{kind} {verb} "{text}" in {fg} letters on {bg_desc} background'
+        return f'{LAYOUT_NAMES_EN[layout]} {verb} "{text}" in {fg} letters on {background_phrase(background, bg)} background'
+
+
+def background_phrase(background: str, colour: str) -> str:
+    """How a caption names a background kind in a colour ("a plain red", "a red gradient", ...)."""
+    return {"solid": f"a plain {colour}", "gradient": f"a {colour} gradient", "noise": f"a grainy {colour}",
+            "texture": f"a textured {colour}"}[background]

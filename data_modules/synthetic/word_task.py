@@ -20,6 +20,7 @@ settings and swapped in atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,11 +31,13 @@ from typing import Iterator
 
 from data_modules.buckets import assign_bucket, make_buckets
 from data_modules.layout import read_json, swap_in, write_json_atomic
-from data_modules.synthetic.engine import LAYOUTS, RenderedSample, RenderSpec, TextRenderingEngine
+from data_modules.synthetic.engine import (LAYOUT_NAMES_EN, LAYOUT_NAMES_ZH, LAYOUTS, RenderedSample, RenderSpec, TextRenderingEngine,
+                                           background_phrase)
 from data_modules.synthetic.vocab import COLOURS, EN_WORDS, ZH_PHRASES
 from lit_ovis.errors import ConfigError
 
 SPLITS = ("train", "heldout", "unseen")
+CAPTION_STYLES = ("engine", "word_first")
 TASK_FILE = "task.json"
 FORMAT = 1  # bump when the rendering of a given config changes
 SINGLE_LINE_LAYOUTS = tuple(layout for layout in LAYOUTS if layout != "paragraph")
@@ -75,6 +78,10 @@ class WordTaskConfig:
     """A sample's bucket is drawn among those where its word fits at this font size or larger."""
     min_contrast: float = 90.0
     """Minimum luminance difference (0-255) between text and background colour."""
+    caption_style: str = "engine"
+    """"engine": the engine's captions (the word quoted mid-sentence, e.g. 'A poster that says "SALE" in red letters
+    on ...'); "word_first": the quoted word opens the caption ('"SALE" on a poster in red letters on ...'), so it sits
+    at the same text positions in every prompt."""
     seed: int = 0
     """Seed of the renders (split seeds derive from it)."""
     vocab_seed: int = 0
@@ -96,6 +103,8 @@ class WordTaskConfig:
             raise ConfigError(f"--layouts {bad or '[]'}: choose from {list(SINGLE_LINE_LAYOUTS)}")
         if not self.backgrounds or any(b not in ("solid", "gradient", "noise", "texture") for b in self.backgrounds):
             raise ConfigError(f"--backgrounds {list(self.backgrounds)}: choose from solid, gradient, noise, texture")
+        if self.caption_style not in CAPTION_STYLES:
+            raise ConfigError(f"--caption-style {self.caption_style!r}: choose one of {list(CAPTION_STYLES)}")
         if not self.aspect_ratios or any(a <= 0 for a in self.aspect_ratios):
             raise ConfigError(f"--aspect-ratios must be positive numbers (got {list(self.aspect_ratios)})")
 
@@ -219,7 +228,18 @@ class WordTask:
 
     def samples(self, split: str) -> Iterator[tuple[RenderSpec, RenderedSample]]:
         for spec in self.specs(split):
-            yield spec, self.engine.render_spec(spec)
+            sample = self.engine.render_spec(spec)
+            if self.cfg.caption_style == "word_first":
+                sample = dataclasses.replace(sample, caption=word_first_caption(spec, sample.meta["fg"], sample.meta["bg"]))
+            yield spec, sample
+
+
+def word_first_caption(spec: RenderSpec, fg: str, bg: str) -> str:
+    """The quoted word first, then what the engine's caption says about layout and colours."""
+    if spec.language == "zh":
+        return f'"{spec.text}"，{LAYOUT_NAMES_ZH[spec.layout]}，{COLOURS[bg][1]}背景上用{COLOURS[fg][1]}文字'
+    kind = LAYOUT_NAMES_EN[spec.layout]
+    return f'"{spec.text}" on {kind[0].lower()}{kind[1:]} in {fg} letters on {background_phrase(spec.background, bg)} background'
 
 
 def record(spec: RenderSpec, sample: RenderedSample, split: str, index: int, path: str) -> dict:
