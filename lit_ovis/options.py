@@ -41,11 +41,28 @@ def _scalar(annotation) -> type:
     return annotation if annotation in (int, float, str, bool) else str
 
 
+def _comma_separated(item: type):
+    """`tuple[int, ...]` fields: "16,32,64" -> (16, 32, 64)."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(item(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__} values, got '{text}'") from None
+    return parse
+
+
 def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One option per field of the dataclass `cls` (except `skip`)."""
+    """One option per field of the dataclass `cls` (except `skip`); a tuple field takes comma-separated values."""
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for field in dataclasses.fields(cls):
         if field.name in skip:
+            continue
+        if typing.get_origin(hints[field.name]) is tuple:
+            item = _scalar(typing.get_args(hints[field.name])[0])
+            default = field.default
+            parser.add_argument("--" + field.name.replace("_", "-"), type=_comma_separated(item), default=default,
+                                help=(docs.get(field.name, "") + f" (comma-separated; default: {','.join(map(str, default))})")
+                                .replace("%", "%%").strip())
             continue
         kind = _scalar(hints[field.name])
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING

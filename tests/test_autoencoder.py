@@ -191,7 +191,7 @@ def test_a_4x_latent_space_flows_through_prepare_the_data_module_and_sampling(ma
     report = prepare(records_from_manifest(manifest), PrepareConfig(output_dir=str(tmp_path / "lat"), resolution=32, min_side=16,
                                                                      dedup=False, vae=str(folder), num_workers=1), progress=False)
     assert (report["latent_channels"], report["latent_scale"]) == (16, 4)
-    dm = LatentDataModule(root=str(tmp_path / "lat"), batch_size=2, num_workers=0, text_encoder=None, vae=str(folder))
+    dm = LatentDataModule(root=str(tmp_path / "lat"), batch_size=2, num_workers=0)  # geometry from the prepare report
     dm.setup("fit")
     batches = [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]
     shapes = {tuple(b["latents"].shape[1:]) for b in batches}

@@ -109,10 +109,8 @@ def test_lora_configs_train_an_adapter_on_one_gpu(stage):
         assert tiny["lora"]["enabled"] and tiny["backbone"]["preset"] == "tiny"
 
 
-def test_word_task_sft_config_resolves_with_one_autoencoder_and_text_length():
+def test_word_task_sft_config_resolves_with_its_autoencoder_and_text_length():
     cfg = resolved("words_sft")
-    model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
-    assert model["encoders"]["vae"] == data["vae"] == "data/words/autoencoder"
-    assert model["encoders"]["max_sequence_length"] == data["max_sequence_length"] == 216
-    assert model["encoders"]["text_encoder"] == data["text_encoder"] == "tiny"
-    assert cfg["trainer"]["accelerator"] == "cpu"
+    encoders = cfg["model"]["init_args"]["encoders"]
+    assert (encoders["vae"], encoders["text_encoder"], encoders["max_sequence_length"]) == ("data/words/autoencoder", "tiny", 216)
+    assert cfg["data"]["init_args"]["root"] == "data/words/latents" and cfg["trainer"]["accelerator"] == "cpu"

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Iterator
 
 from data_modules.buckets import assign_bucket, make_buckets
-from data_modules.layout import read_json, swap_in, write_json_atomic
+from data_modules.layout import read_json, swap_in
 from data_modules.synthetic.engine import (LAYOUT_NAMES_EN, LAYOUT_NAMES_ZH, LAYOUTS, RenderedSample, RenderSpec, TextRenderingEngine,
                                            background_phrase)
 from data_modules.synthetic.vocab import COLOURS, EN_WORDS, ZH_PHRASES
 from lit_ovis.errors import ConfigError
+from lit_ovis.files import atomic_write_json
 
 SPLITS = ("train", "heldout", "unseen")
 CAPTION_STYLES = ("engine", "word_first")
@@ -285,6 +286,6 @@ def build_word_task(cfg: WordTaskConfig, output_dir: str | Path, progress: bool 
         "vocabulary": {"train": task.vocab.train, "unseen": task.vocab.unseen},
         "sizes": [list(s) for s in task.sizes], "font_px": font_px,
     }
-    write_json_atomic(tmp / TASK_FILE, report)
+    atomic_write_json(tmp / TASK_FILE, report)
     swap_in(tmp, out)
     return {**report, "rendered_this_run": sum(counts.values())}

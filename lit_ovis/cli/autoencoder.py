@@ -16,13 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-from lit_ovis.cli.args import add_dataclass_arguments, dataclass_from_args
-from lit_ovis.errors import UserError
+from lit_ovis.errors import OneLineArgumentParser, UserError
+from lit_ovis.files import atomic_write_json
+from lit_ovis.options import add_options, from_options
 from lit_ovis.models.autoencoder_training import REPORT, AutoencoderConfig, ensure_autoencoder
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lit-ovis train-autoencoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="lit-ovis train-autoencoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True, help="JSONL/CSV with path (and caption) of the training images")
     p.add_argument("--output-dir", required=True, help="diffusers VAE folder to write (or reuse)")
     p.add_argument("--overwrite", action="store_true", help="replace an autoencoder trained with other settings")
@@ -31,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-limit", type=int, default=None, help="at most this many images per eval manifest")
     p.add_argument("--ocr-mode", default="recognize", choices=["recognize", "detect"], help="OCR path for the eval")
     p.add_argument("--log-every", type=int, default=100)
-    add_dataclass_arguments(p, AutoencoderConfig)
+    add_options(p, AutoencoderConfig)
     args = p.parse_args(argv)
-    cfg = dataclass_from_args(AutoencoderConfig, args)
+    cfg = from_options(AutoencoderConfig, args)
     try:
         folder, report = ensure_autoencoder(cfg, args.manifest, args.output_dir, args.overwrite, log_every=args.log_every)
         summary = {k: report[k] for k in ("fingerprint", "parameters", "scale_factor", "train_seconds", "train_cpu_seconds", "scaling_factor",
@@ -53,14 +54,13 @@ def evaluate(folder: Path, manifests: list[str], limit: int | None, mode: str) -
     from lit_ovis.models.vae import build_vae
     from lit_ovis.scoring import build_scorer
     from lit_ovis.scoring.reconstruction import measure_reconstructions
-    from data_modules.layout import write_json_atomic
 
     vae = build_vae(str(folder))
     ocr = build_scorer("ocr", mode=mode, batch_size=32)
     results = {Path(m).stem: {**measure_reconstructions(vae, m, ocr, limit=limit), "ocr_mode": mode} for m in manifests}
     report = json.loads((folder / REPORT).read_text(encoding="utf-8"))
     report["eval"] = {**report.get("eval", {}), **results}
-    write_json_atomic(folder / REPORT, report)
+    atomic_write_json(folder / REPORT, report)
     return results
 
 

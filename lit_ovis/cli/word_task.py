@@ -16,17 +16,17 @@ import json
 import sys
 
 from data_modules.synthetic.word_task import WordTaskConfig, build_word_task
-from lit_ovis.cli.args import add_dataclass_arguments, dataclass_from_args
-from lit_ovis.errors import UserError
+from lit_ovis.errors import OneLineArgumentParser, UserError
+from lit_ovis.options import add_options, from_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lit-ovis word-task", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="lit-ovis word-task", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True, help="folder to write (replaced atomically when the settings change)")
-    add_dataclass_arguments(p, WordTaskConfig)
+    add_options(p, WordTaskConfig)
     args = p.parse_args(argv)
     try:
-        report = build_word_task(dataclass_from_args(WordTaskConfig, args), args.output_dir)
+        report = build_word_task(from_options(WordTaskConfig, args), args.output_dir)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

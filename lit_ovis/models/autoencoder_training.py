@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from lit_ovis.errors import CheckpointError, ConfigError, DataError
+from lit_ovis.files import atomic_write_json, temp_name
 
 REPORT = "autoencoder.json"
 FORMAT = 1  # bump when training code changes what the same settings produce
@@ -300,11 +301,11 @@ def save_autoencoder(vae: AutoencoderKL, report: dict, folder: str | Path) -> Pa
     """Write the diffusers folder and its report next to `folder`, then rename it into place."""
     out = Path(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
-        (tmp / REPORT).write_text(json.dumps(report, indent=1), encoding="utf-8")
+        atomic_write_json(tmp / REPORT, report)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
             os.replace(out, old)
