@@ -127,7 +127,11 @@ def main() -> None:
         if "every_n_train_steps: 250" not in config_text:
             raise SystemExit(f"{CONFIG}: expected the checkpoint callback's every_n_train_steps: 250 to set --every")
         checkpoints = train(run, [f"--trainer.max_steps={args.max_steps}", *args.overrides], every=args.every)
+        (run / "curve.json").write_text(json.dumps({"checkpoints": checkpoints, "args": vars(args)}, indent=1))  # --skip-train reads it
     for c in checkpoints:
+        if args.skip_train and "heldout" in c and c.get("limits") == [args.heldout_limit, args.unseen_limit]:
+            continue  # scored before with the same limits
+        c["limits"] = [args.heldout_limit, args.unseen_limit]
         name = f"step-{c['step']}"
         c["heldout"] = score(c["path"], data.manifests["heldout"], run / "eval" / name / "heldout", args.heldout_limit, args.sampling_steps)
         c["unseen"] = score(c["path"], data.manifests["unseen"], run / "eval" / name / "unseen", args.unseen_limit, args.sampling_steps)
