@@ -107,6 +107,9 @@ def score(checkpoint: str, manifest: Path, out: Path, limit: int | None, steps: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="data/words", help="word-task data folder (built on first use)")
+    p.add_argument("--task-root", default=None,
+                   help="train on another task folder built beforehand (`lit-ovis word-task` with other settings, "
+                        "`lit-ovis prepare` into <task-root>/latents with --root's autoencoder) instead of --root's")
     p.add_argument("--run", default="runs/words_sft")
     p.add_argument("--max-steps", type=int, default=1500)
     p.add_argument("--every", type=int, default=250, help="checkpoint (and score) every this many steps")
@@ -117,8 +120,19 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results_words_sft.md")
     p.add_argument("overrides", nargs="*", help="extra `main.py fit` overrides, e.g. --model.optimizer.lr=2e-3")
     args = p.parse_args()
-    data = ensure_word_data(ROOT / args.root)
-    ae = data.reports["autoencoder"]
+    if args.task_root:  # built beforehand: nothing to render, train or prepare here
+        from lit_ovis.models.autoencoder_training import read_report
+
+        ae = read_report(ROOT / args.root / "autoencoder") or {}
+        task_root = ROOT / args.task_root
+        manifests = {split: task_root / f"{split}.jsonl" for split in ("heldout", "unseen")}
+        missing = [str(p) for p in [*manifests.values(), task_root / "latents" / "report.json"] if not p.exists()]
+        if missing:
+            raise SystemExit(f"--task-root {args.task_root}: missing {', '.join(missing)} (build it with lit-ovis word-task and prepare)")
+        args.overrides = [f"--data.root={task_root / 'latents'}", *args.overrides]
+    else:
+        data = ensure_word_data(ROOT / args.root)
+        ae, manifests = data.reports["autoencoder"], data.manifests
     run = ROOT / args.run
     if args.skip_train:
         checkpoints = json.loads((run / "curve.json").read_text())["checkpoints"]
@@ -133,8 +147,8 @@ def main() -> None:
             continue  # scored before with the same limits
         c["limits"] = [args.heldout_limit, args.unseen_limit]
         name = f"step-{c['step']}"
-        c["heldout"] = score(c["path"], data.manifests["heldout"], run / "eval" / name / "heldout", args.heldout_limit, args.sampling_steps)
-        c["unseen"] = score(c["path"], data.manifests["unseen"], run / "eval" / name / "unseen", args.unseen_limit, args.sampling_steps)
+        c["heldout"] = score(c["path"], manifests["heldout"], run / "eval" / name / "heldout", args.heldout_limit, args.sampling_steps)
+        c["unseen"] = score(c["path"], manifests["unseen"], run / "eval" / name / "unseen", args.unseen_limit, args.sampling_steps)
         print(json.dumps({k: c[k] for k in ("step", "wall_s", "cpu_s", "heldout", "unseen")}), flush=True)
         (run / "curve.json").write_text(json.dumps({"checkpoints": checkpoints, "args": vars(args)}, indent=1))
     rows = [f"| {c['step']} | {c['wall_s']:.0f} | {c['cpu_s']:.0f} | {c['heldout']['word_accuracy']:.3f} "
@@ -142,7 +156,8 @@ def main() -> None:
             f"{c['heldout']['en'] or 0:.3f} / {c['heldout']['zh'] or 0:.3f} | {c['unseen']['word_accuracy']:.3f} |" for c in checkpoints]
     lines = [
         "# SFT prototype on the word task (CPU, 2 shared cores)", "",
-        f"`python benchmarks/bench_words_sft.py --max-steps {args.max_steps} --every {args.every} {' '.join(args.overrides)}`: "
+        f"`python benchmarks/bench_words_sft.py --max-steps {args.max_steps} --every {args.every} {' '.join(args.overrides)}`"
+        f"{' on ' + args.task_root if args.task_root else ''}: "
         "`configs/words_sft.yaml` (tiny MMDiT, tiny random Qwen3, the task's own 4x autoencoder), held-out split "
         f"({args.heldout_limit} prompts: training words, new seeds/colours/layouts, each at its own size) and unseen words "
         f"({args.unseen_limit} prompts), OCR fast path. Autoencoder: {ae.get('parameters')} parameters, trained in "

@@ -146,3 +146,16 @@ def test_word_first_captions_open_with_the_quoted_word_and_keep_the_render():
             assert f"{b.meta['fg']} letters" in b.caption
     with pytest.raises(ConfigError, match="--caption-style"):
         WordTask(WordTaskConfig(**SMALL, caption_style="last"))
+
+
+def test_folders_built_before_caption_style_existed_keep_their_fingerprint():
+    # The fingerprint data/words/task.json carries since before the setting: [FORMAT, settings without it].
+    import hashlib
+    from dataclasses import asdict
+
+    from data_modules.synthetic.word_task import FORMAT
+
+    cfg = WordTaskConfig(**SMALL)
+    before = {k: v for k, v in asdict(cfg).items() if k != "caption_style"}
+    assert cfg.fingerprint() == hashlib.sha256(json.dumps([FORMAT, before], sort_keys=True).encode()).hexdigest()[:16]
+    assert WordTaskConfig(**SMALL, caption_style="word_first").fingerprint() != cfg.fingerprint()

@@ -41,6 +41,10 @@ SPLITS = ("train", "heldout", "unseen")
 CAPTION_STYLES = ("engine", "word_first")
 TASK_FILE = "task.json"
 FORMAT = 1  # bump when the rendering of a given config changes
+# Settings added after FORMAT 1 and the value that behaves as before: they enter the fingerprint only when set
+# otherwise, so folders built before they existed (same renders, same captions) stay valid instead of being
+# re-rendered, which would also retrain the autoencoder and re-encode the latents kept beside them.
+LATER_SETTINGS = {"caption_style": "engine"}
 SINGLE_LINE_LAYOUTS = tuple(layout for layout in LAYOUTS if layout != "paragraph")
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/wqy", "/usr/share/fonts/opentype/noto")
 
@@ -110,7 +114,8 @@ class WordTaskConfig:
             raise ConfigError(f"--aspect-ratios must be positive numbers (got {list(self.aspect_ratios)})")
 
     def fingerprint(self) -> str:
-        blob = json.dumps([FORMAT, asdict(self)], sort_keys=True)
+        settings = {k: v for k, v in asdict(self).items() if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]}
+        blob = json.dumps([FORMAT, settings], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
