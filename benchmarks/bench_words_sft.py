@@ -87,7 +87,7 @@ def train(run: Path, overrides: list[str], every: int, poll: float = 5.0) -> lis
     return sorted(seen.values(), key=lambda c: c["step"])
 
 
-def score(checkpoint: str, manifest: Path, out: Path, limit: int | None, steps: int | None) -> dict:
+def score(checkpoint: str, manifest: Path, out: Path, limit: int | None, steps: int | None, generator=None) -> dict:
     from lit_ovis.cli.eval import evaluate
     from lit_ovis.generator import load_generator
     from lit_ovis.scoring import ScorerEnsemble
@@ -95,13 +95,39 @@ def score(checkpoint: str, manifest: Path, out: Path, limit: int | None, steps: 
 
     items = read_prompt_set(manifest, limit)
     ensemble = ScorerEnsemble.from_weights({"ocr": 1.0}, {"ocr": {"mode": "recognize", "batch_size": 32}})
-    report = evaluate(load_generator(checkpoint), items, str(out), ensemble, batch_size=16, steps=steps, progress=False,
+    report = evaluate(generator or load_generator(checkpoint), items, str(out), ensemble, batch_size=16, steps=steps, progress=False,
                       model_id=checkpoint)
     words = [WordScores(r["ocr"]["word_total"], r["ocr"]["word_correct"], r["ocr"]["word_ned"]) for r in report["samples"]]
     low, high = word_accuracy_interval(words)
     agg = report["aggregate"]
     return {"images": len(words), **pool_words(words), "ci95": [round(low, 3), round(high, 3)],
             "en": agg.get("en", {}).get("word_accuracy"), "zh": agg.get("zh", {}).get("word_accuracy")}
+
+
+def caption_use(checkpoint: str, latents_root: Path, batches: int = 6, batch_size: int = 16, module_class=None) -> dict:
+    """Does the model read its caption? Flow loss on training latents with their own prompt embeddings vs the
+    empty prompt's, same noise and timesteps (t uniform in [0.1, 0.9]); a model that ignores the text scores
+    both the same. Raw (not EMA) weights."""
+    import torch
+
+    from data_modules.streaming import LatentDataModule
+    from lit_ovis.modules.flow_matching import FlowMatchingModule
+
+    module = (module_class or FlowMatchingModule).load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    data = LatentDataModule(root=str(latents_root), batch_size=batch_size, num_workers=0, seed=1)
+    data.setup("fit")
+    caption, empty = [], []
+    for i, batch in zip(range(batches), data.train_dataloader()):
+        batch = data.on_after_batch_transfer(batch, 0)
+        gen = torch.Generator().manual_seed(i)
+        n = batch["latents"].shape[0]
+        batch["timesteps"] = torch.rand(n, generator=gen) * 0.8 + 0.1
+        batch["noise"] = torch.randn(batch["latents"].shape, generator=gen)
+        with torch.no_grad():
+            caption.append(module.flow_loss(batch)[0].item())
+            empty.append(module.flow_loss({**batch, "prompt_embeds": module.empty_embed.expand(n, -1, -1)})[0].item())
+    c, e = sum(caption) / len(caption), sum(empty) / len(empty)
+    return {"loss_caption": round(c, 4), "loss_empty": round(e, 4), "gain": round((e - c) / e, 4)}
 
 
 def main() -> None:
@@ -117,6 +143,8 @@ def main() -> None:
     p.add_argument("--unseen-limit", type=int, default=64)
     p.add_argument("--sampling-steps", type=int, default=None, help="default: the config's sampling.steps")
     p.add_argument("--skip-train", action="store_true", help="only score the checkpoints already in --run")
+    p.add_argument("--score-steps", type=lambda v: {int(x) for x in v.split(",")}, default=None,
+                   help="comma-separated steps whose checkpoints are scored (default: all; a checkpoint costs ~1.3 CPU s per prompt)")
     p.add_argument("--out", default="benchmarks/results_words_sft.md")
     p.add_argument("overrides", nargs="*", help="extra `main.py fit` overrides, e.g. --model.optimizer.lr=2e-3")
     args = p.parse_args()
@@ -129,10 +157,11 @@ def main() -> None:
         missing = [str(p) for p in [*manifests.values(), task_root / "latents" / "report.json"] if not p.exists()]
         if missing:
             raise SystemExit(f"--task-root {args.task_root}: missing {', '.join(missing)} (build it with lit-ovis word-task and prepare)")
-        args.overrides = [f"--data.root={task_root / 'latents'}", *args.overrides]
+        latents = task_root / "latents"
+        args.overrides = [f"--data.root={latents}", *args.overrides]
     else:
         data = ensure_word_data(ROOT / args.root)
-        ae, manifests = data.reports["autoencoder"], data.manifests
+        ae, manifests, latents = data.reports["autoencoder"], data.manifests, data.latents
     run = ROOT / args.run
     if args.skip_train:
         checkpoints = json.loads((run / "curve.json").read_text())["checkpoints"]
@@ -142,18 +171,20 @@ def main() -> None:
             raise SystemExit(f"{CONFIG}: expected the checkpoint callback's every_n_train_steps: 250 to set --every")
         checkpoints = train(run, [f"--trainer.max_steps={args.max_steps}", *args.overrides], every=args.every)
         (run / "curve.json").write_text(json.dumps({"checkpoints": checkpoints, "args": vars(args)}, indent=1))  # --skip-train reads it
-    for c in checkpoints:
+    for c in [c for c in checkpoints if not args.score_steps or c["step"] in args.score_steps]:
         if args.skip_train and "heldout" in c and c.get("limits") == [args.heldout_limit, args.unseen_limit]:
             continue  # scored before with the same limits
         c["limits"] = [args.heldout_limit, args.unseen_limit]
         name = f"step-{c['step']}"
+        c["caption_use"] = caption_use(c["path"], latents)
         c["heldout"] = score(c["path"], manifests["heldout"], run / "eval" / name / "heldout", args.heldout_limit, args.sampling_steps)
         c["unseen"] = score(c["path"], manifests["unseen"], run / "eval" / name / "unseen", args.unseen_limit, args.sampling_steps)
-        print(json.dumps({k: c[k] for k in ("step", "wall_s", "cpu_s", "heldout", "unseen")}), flush=True)
+        print(json.dumps({k: c[k] for k in ("step", "wall_s", "cpu_s", "caption_use", "heldout", "unseen")}), flush=True)
         (run / "curve.json").write_text(json.dumps({"checkpoints": checkpoints, "args": vars(args)}, indent=1))
     rows = [f"| {c['step']} | {c['wall_s']:.0f} | {c['cpu_s']:.0f} | {c['heldout']['word_accuracy']:.3f} "
             f"[{c['heldout']['ci95'][0]:.3f}, {c['heldout']['ci95'][1]:.3f}] | {c['heldout']['ned']:.3f} | "
-            f"{c['heldout']['en'] or 0:.3f} / {c['heldout']['zh'] or 0:.3f} | {c['unseen']['word_accuracy']:.3f} |" for c in checkpoints]
+            f"{c['heldout']['en'] or 0:.3f} / {c['heldout']['zh'] or 0:.3f} | {c['unseen']['word_accuracy']:.3f} | "
+            f"{c['caption_use']['loss_caption']:.4f} / {c['caption_use']['loss_empty']:.4f} |" for c in checkpoints if "caption_use" in c]
     lines = [
         "# SFT prototype on the word task (CPU, 2 shared cores)", "",
         f"`python benchmarks/bench_words_sft.py --max-steps {args.max_steps} --every {args.every} {' '.join(args.overrides)}`"
@@ -163,8 +194,10 @@ def main() -> None:
         f"({args.unseen_limit} prompts), OCR fast path. Autoencoder: {ae.get('parameters')} parameters, trained in "
         f"{ae.get('train_seconds')} s wall / {ae.get('train_cpu_seconds')} s CPU (cached, not part of these times).", "",
         "Wall time is that of a machine shared with other jobs (niced); CPU time is the training process tree's.", "",
-        "| step | wall s | CPU s | held-out word accuracy [95% CI] | NED | EN / ZH | unseen words accuracy |",
-        "| --- | --- | --- | --- | --- | --- | --- |", *rows,
+        "Flow loss with caption / empty prompt: the same training latents, noise and timesteps with their own prompt "
+        "embeddings and with the empty prompt's; equal losses mean the model does not read its caption.", "",
+        "| step | wall s | CPU s | held-out word accuracy [95% CI] | NED | EN / ZH | unseen words accuracy | flow loss caption / empty |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows,
     ]
     Path(ROOT / args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
