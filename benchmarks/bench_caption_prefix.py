@@ -80,11 +80,12 @@ def main() -> None:
     for c in checkpoints:
         c["caption_use"] = caption_use(c["path"], task / "latents", module_class=CaptionOnlyFlowMatching)
         if c["step"] in args.score_steps:
-            from lit_ovis.generator import load_generator
+            from lit_ovis.loading import load_module
 
-            gen = load_generator(c["path"])
-            ckpt_module = CaptionOnlyFlowMatching.load_from_checkpoint(c["path"], map_location="cpu")
-            gen.text_encoder = caption_only_encoder(ckpt_module.encoders_cfg, ckpt_module.skip)
+            gen = load_module(c["path"])  # the run's backbone (EMA weights) and encoders, then its text encoder cut
+            gen._frozen["text_encoder"] = caption_only_encoder(gen.encoders_cfg, CaptionOnlyFlowMatching.load_from_checkpoint(
+                c["path"], map_location="cpu").skip)
+            gen._empty_embed = None
             c["heldout"] = score(c["path"], task / "heldout.jsonl", run / "eval" / f"step-{c['step']}" / "heldout",
                                  args.heldout_limit, None, generator=gen)
         print(json.dumps(c), flush=True)

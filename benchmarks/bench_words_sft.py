@@ -89,13 +89,13 @@ def train(run: Path, overrides: list[str], every: int, poll: float = 5.0) -> lis
 
 def score(checkpoint: str, manifest: Path, out: Path, limit: int | None, steps: int | None, generator=None) -> dict:
     from lit_ovis.cli.eval import evaluate
-    from lit_ovis.generator import load_generator
+    from lit_ovis.loading import load_module
     from lit_ovis.scoring import ScorerEnsemble
     from lit_ovis.scoring.prompt_sets import read_prompt_set
 
     items = read_prompt_set(manifest, limit)
     ensemble = ScorerEnsemble.from_weights({"ocr": 1.0}, {"ocr": {"mode": "recognize", "batch_size": 32}})
-    report = evaluate(generator or load_generator(checkpoint), items, str(out), ensemble, batch_size=16, steps=steps, progress=False,
+    report = evaluate(generator or load_module(checkpoint), items, str(out), ensemble, batch_size=16, steps=steps, progress=False,
                       model_id=checkpoint)
     words = [WordScores(r["ocr"]["word_total"], r["ocr"]["word_correct"], r["ocr"]["word_ned"]) for r in report["samples"]]
     low, high = word_accuracy_interval(words)
