@@ -70,6 +70,9 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true", help="only measure the checkpoints listed in <run>/curve.json")
     p.add_argument("overrides", nargs="*", help="extra `main.py fit` overrides")
     args = p.parse_args()
+    # Checkpoints name the class by its importable path; run as a script, this file is __main__.
+    from benchmarks.bench_caption_prefix import CaptionOnlyFlowMatching as module_class
+
     run, task = ROOT / args.run, ROOT / args.task_root
     if args.skip_train:
         checkpoints = json.loads((run / "curve.json").read_text())["checkpoints"]
@@ -78,12 +81,12 @@ def main() -> None:
                      "--model.class_path=benchmarks.bench_caption_prefix.CaptionOnlyFlowMatching", *args.overrides]
         checkpoints = train(run, overrides, every=args.every)
     for c in checkpoints:
-        c["caption_use"] = caption_use(c["path"], task / "latents", module_class=CaptionOnlyFlowMatching)
+        c["caption_use"] = caption_use(c["path"], task / "latents", module_class=module_class)
         if c["step"] in args.score_steps:
             from lit_ovis.loading import load_module
 
             gen = load_module(c["path"])  # the run's backbone (EMA weights) and encoders, then its text encoder cut
-            gen._frozen["text_encoder"] = caption_only_encoder(gen.encoders_cfg, CaptionOnlyFlowMatching.load_from_checkpoint(
+            gen._frozen["text_encoder"] = caption_only_encoder(gen.encoders_cfg, module_class.load_from_checkpoint(
                 c["path"], map_location="cpu").skip)
             gen._empty_embed = None
             c["heldout"] = score(c["path"], task / "heldout.jsonl", run / "eval" / f"step-{c['step']}" / "heldout",

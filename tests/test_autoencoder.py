@@ -158,7 +158,8 @@ def _random_folder(path, levels: int):
     return save_autoencoder(vae, {"fingerprint": "test"}, path)
 
 
-@pytest.mark.parametrize("levels,scale", [(4, 8), (3, 4)])
+# 4x only: the pipeline's default 8x geometry is covered by test_export / test_sampler_parity (FLUX-shaped VAE).
+@pytest.mark.parametrize("levels,scale", [(3, 4)])
 def test_folder_opens_in_ovis_pipeline_with_a_matching_tiny_transformer(levels, scale, tiny_backbone, tiny_text_encoder, tmp_path):
     from diffusers import OvisImagePipeline
 
@@ -224,12 +225,13 @@ def test_cli_trains_reuses_and_reports_reconstruction_ocr(manifest, tmp_path, ca
 
     args = ["train-autoencoder", "--manifest", manifest, "--output-dir", str(tmp_path / "ae"), "--block-out-channels", "8,8,8",
             "--norm-num-groups", "4", "--steps", "2", "--batch-size", "2", "--stats-images", "4", "--log-every", "1",
-            "--eval-manifest", manifest]
+            "--eval-manifest", manifest, "--eval-limit", "4"]
     assert main(args) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{"): out.rindex("}") + 1])
     assert summary["trained_this_run"] and summary["scale_factor"] == 4
     assert set(summary["eval"]["train"]) >= {"original", "reconstruction", "psnr_db"}  # OCR of both sides
     assert "eval" in read_report(tmp_path / "ae")
-    assert main(args) == 0 and '"trained_this_run": false' in capsys.readouterr().out
-    assert main([*args[:-2], "--steps", "3"]) == 2 and "--overwrite" in capsys.readouterr().err
+    cached = args[:-4]  # the reuse and the refusal need no second OCR pass
+    assert main(cached) == 0 and '"trained_this_run": false' in capsys.readouterr().out
+    assert main([*cached, "--steps", "3"]) == 2 and "--overwrite" in capsys.readouterr().err
