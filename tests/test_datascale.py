@@ -220,6 +220,8 @@ def test_two_process_prepare_equals_one_process(tmp_path):
     reports = [json.loads((tmp_path / d / "32" / "report.json").read_text()) for d in ("one", "two")]
     assert reports[0]["skipped"] == reports[1]["skipped"] == {"duplicate": 1} and reports[1]["ranks"] == 2
     assert reports[0]["buckets"] == reports[1]["buckets"]
+    geometry = [(r["latent_channels"], r["latent_scale"]) for r in reports]  # what the data module checks shapes against
+    assert geometry[0] == geometry[1] and geometry[0][0] == one[next(iter(one))]["latents"].shape[0]
     # Both ranks wrote chunks; LitData's merge joined their indexes.
     assert {f.name.split("-")[1] for f in (tmp_path / "two" / "32").glob("*/chunk-*.bin")} == {"0", "1"}
 
