@@ -612,9 +612,12 @@ def ensure_synthetic_dataset(
     """Prepare a synthetic text-rendering dataset at `resolution` in `root`; a no-op when one with the same
     inputs and settings is already there (prepare's fingerprint), incremental when only `samples` grew."""
     from data_modules.prepare import PrepareConfig, prepare, synthetic_records
+    from data_modules.ranks import ShardSpec
 
     cfg = PrepareConfig(
         output_dir=root, resolution=resolution, min_side=min(64, resolution), text_encoder=text_encoder, vae=vae,
         max_sequence_length=max_sequence_length, seed=seed, num_workers=min(2, os.cpu_count() or 1), shard_size=64,
     )
-    return prepare(synthetic_records(samples), cfg)
+    # One process builds the whole set (the training's rank 0, while the others wait): never a shard of a group
+    # inferred from the launcher's environment, which under srun/torchrun would wait for ranks that are not preparing.
+    return prepare(synthetic_records(samples), cfg, shard=ShardSpec())

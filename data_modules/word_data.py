@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from data_modules.ranks import ShardSpec
 from data_modules.synthetic.word_task import WordTaskConfig, build_word_task
 from lit_ovis.models.autoencoder_training import AutoencoderConfig, ensure_autoencoder
 
@@ -46,6 +47,6 @@ def ensure_word_data(root: str | Path, task: WordTaskConfig | None = None, autoe
     cfg = PrepareConfig(output_dir=str(root / "latents"), resolution=task.resolution, min_side=min_side, dedup=False,
                         vae=str(ae_folder), text_encoder=text_encoder, max_sequence_length=max_sequence_length,
                         num_workers=min(2, os.cpu_count() or 1), shard_size=256)
-    latents_report = prepare(records_from_manifest(manifests["train"]), cfg, progress=log is not None)
+    latents_report = prepare(records_from_manifest(manifests["train"]), cfg, progress=log is not None, shard=ShardSpec())  # one process, whatever the launcher
     return WordData(root, ae_folder, root / "latents", manifests,
                     {"task": task_report, "autoencoder": ae_report, "latents": latents_report})

@@ -275,3 +275,23 @@ def test_caption_tokens_are_stored_and_encoded_online_like_the_captions(tmp_path
     online = OvisBaseModule.embed_prompts(module, batch)
     assert online.shape == (3, 32, encoder.model.config.hidden_size)
     assert torch.allclose(online, encoder.encode(batch["captions"]), atol=1e-5)  # the same as encoding the captions
+
+
+@pytest.mark.timeout(120)
+def test_rank0_build_inside_a_launched_job_prepares_alone(tmp_path, monkeypatch):
+    """A training job's rank 0 builds its synthetic set while the other ranks wait (data_modules/rank0.py). The
+    launcher's variables (srun / torchrun) must not turn that build into a shard of a prepare group: it would wait
+    for ranks that are not preparing (a 2-task SLURM job hung in setup that way)."""
+    from data_modules.streaming import ensure_synthetic_dataset
+
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    start = time.monotonic()
+    report = ensure_synthetic_dataset(str(tmp_path / "data"), samples=8, resolution=32)
+    assert time.monotonic() - start < 90
+    assert discover_buckets(str(tmp_path / "data")) and report["kept"] == 8 and report["ranks"] == 1, report
