@@ -10,8 +10,10 @@ loss (`bench_words_sft.caption_use`) and, for `--score-steps`, held-out OCR word
 
     python benchmarks/bench_caption_prefix.py --task-root data/words9f --run runs/caption_only --max-steps 500
 
-An experiment, not a training mode of the project: exports of such a run would not sample like
-`OvisImagePipeline`, which always cuts 28 tokens.
+The experiment behind `--model.encoders.template_cut template` (the same cut as a training setting, used alike by
+prepare, the modules and `load_module`); `as_template_cut_checkpoint` turns a checkpoint of this experiment into
+the plain FlowMatchingModule checkpoint it equals. Exports of either do not sample like `OvisImagePipeline`, which
+always cuts 28 tokens.
 """
 
 from __future__ import annotations
@@ -97,3 +99,23 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def as_template_cut_checkpoint(source: str, target: str, vae: str | None = None) -> str:
+    """A checkpoint of this experiment as the plain FlowMatchingModule checkpoint it equals: `template_cut:
+    template` cuts the same 140 template tokens (28 + the 112 skipped here) and `max_sequence_length` keeps the
+    same 104 caption positions, so every stage command, `lit_ovis.load_module` and `lit-ovis eval` read it."""
+    import torch
+
+    from lit_ovis.files import atomic_path
+
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    skip = hp.pop("skip", SYSTEM_PROMPT_REMNANT)
+    hp["_class_path"] = "lit_ovis.modules.flow_matching.FlowMatchingModule"
+    enc = dict(hp["encoders"])
+    enc.update(max_sequence_length=enc["max_sequence_length"] - skip, template_cut="template", **({"vae": vae} if vae else {}))
+    hp["encoders"] = enc
+    with atomic_path(target) as tmp:
+        torch.save(ckpt, tmp)
+    return target

@@ -82,8 +82,8 @@ class PairsConfig:
     """Text encoder preset, folder or hub id; unset: the --checkpoint's own (AIDC-AI/Ovis-Image-7B when it has none)."""
     vae: str | None = None
     """VAE preset, folder or hub id; unset: the --checkpoint's own (AIDC-AI/Ovis-Image-7B when it has none)."""
-    max_sequence_length: int = 256
-    """Text-encoder length."""
+    max_sequence_length: int | None = None
+    """Text-encoder length; unset: the --checkpoint's own (256 when it has none)."""
     steps: int = 50
     """Denoising steps of the generated candidate."""
     guidance_scale: float = 5.0
@@ -152,7 +152,9 @@ def load_models(cfg: PairsConfig, device: torch.device):
     else:
         backbone, text_encoder, vae, sampling = build_backbone(cfg.backbone_preset, cfg.checkpoint), None, None, SamplingConfig()
     if cfg.text_encoder or text_encoder is None:
-        text_encoder = build_text_encoder(cfg.text_encoder or DEFAULT_ENCODERS, cfg.max_sequence_length, dtype=dtype)
+        cut = module.encoders_cfg.template_cut if brings_its_own_model(cfg.checkpoint) else "pipeline"
+        text_encoder = build_text_encoder(cfg.text_encoder or DEFAULT_ENCODERS, cfg.max_sequence_length or 256, dtype=dtype,
+                                          template_cut=cut)
     if cfg.vae or vae is None:
         vae = build_vae(cfg.vae or DEFAULT_ENCODERS, dtype=dtype)
     return (backbone.to(device, dtype).eval(), text_encoder.to(device, dtype), vae.to(device, dtype)), sampling

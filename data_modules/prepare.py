@@ -98,6 +98,9 @@ class PrepareConfig:
     """Precompute prompt embeddings with this encoder (preset, folder or hub id); unset: store captions only."""
     max_sequence_length: int = 256
     """Text-encoder length of the precomputed embeddings (or stored caption tokens)."""
+    template_cut: str = "pipeline"
+    """Template tokens cut from the encoder's output, as the training run's --model.encoders.template_cut:
+    "pipeline" (OvisImagePipeline's 28) or "template" (the tokenizer's own template length)."""
     text_storage: str | None = None
     """What is stored for each caption besides its text: "embeddings" (precomputed with --text-encoder), "tokens"
     (the templated prompt's token ids from --text-encoder's tokenizer, about 1/1000 of the embeddings' size:
@@ -153,6 +156,8 @@ class PrepareConfig:
             raise ConfigError(f"--shard-size and --batch-size must be >= 1 (got {self.shard_size}, {self.batch_size})")
         if not 0 < self.min_aspect <= 1 <= self.max_aspect:
             raise ConfigError(f"--min-aspect/--max-aspect must satisfy 0 < min <= 1 <= max (got {self.min_aspect}, {self.max_aspect})")
+        if self.template_cut not in ("pipeline", "template"):
+            raise ConfigError(f"--template-cut must be pipeline or template (got {self.template_cut})")
         if self.text_storage not in (None, *TEXT_STORAGE):
             raise ConfigError(f"--text-storage must be one of {', '.join(TEXT_STORAGE)} (got {self.text_storage})")
         if self.text_storage in ("embeddings", "tokens") and not self.text_encoder:
@@ -241,11 +246,15 @@ class Encoders:
         if cfg.stored_text == "embeddings":
             from lit_ovis.models.text_encoder import build_text_encoder
 
-            self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.max_sequence_length, dtype=dtype).to(self.device)
+            self.text_encoder = build_text_encoder(cfg.text_encoder, cfg.max_sequence_length, dtype=dtype,
+                                                   template_cut=cfg.template_cut).to(self.device)
         elif cfg.stored_text == "tokens":
             from lit_ovis.models.text_encoder import load_tokenizer
 
+            from lit_ovis.models.text_encoder import prefix_tokens_for
+
             self.tokenizer = load_tokenizer(cfg.text_encoder)  # no weights: the tokenizer alone
+            self.prefix_tokens = prefix_tokens_for(self.tokenizer, cfg.template_cut)
         self.max_sequence_length = cfg.max_sequence_length
         self.batch_size = cfg.batch_size
         self.storage = getattr(torch, cfg.storage_dtype)
@@ -272,7 +281,8 @@ class Encoders:
         """The token ids the text encoder reads for each caption (template included, unpadded), int32."""
         from lit_ovis.models.text_encoder import prompt_token_ids
 
-        return [torch.tensor(ids, dtype=torch.int32) for ids in prompt_token_ids(self.tokenizer, captions, self.max_sequence_length)]
+        return [torch.tensor(ids, dtype=torch.int32) for ids in prompt_token_ids(self.tokenizer, captions, self.max_sequence_length,
+                                                                                    self.prefix_tokens)]
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -310,6 +320,8 @@ def _record_fields(cfg: PrepareConfig) -> dict:
     fields = {k: getattr(cfg, k) for k in RECORD_FIELDS}
     if cfg.stored_text == "tokens":  # only then: the keys of every earlier cache stay valid
         fields["text_storage"] = "tokens"
+    if cfg.template_cut != "pipeline" and cfg.stored_text != "captions":  # likewise: the default adds no key
+        fields["template_cut"] = cfg.template_cut
     for name in ("vae", "text_encoder"):  # only local folders add a key, so preset/hub caches keep theirs
         identity = model_files_identity(getattr(cfg, name))
         if identity is not None:

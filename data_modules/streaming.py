@@ -459,7 +459,8 @@ class LatentDataModule(L.LightningDataModule):
             from lit_ovis.modules.config import EncoderConfig
 
             cfg = EncoderConfig()
-        return {"text_encoder": cfg.text_encoder, "vae": cfg.vae, "max_sequence_length": cfg.max_sequence_length}
+        return {"text_encoder": cfg.text_encoder, "vae": cfg.vae, "max_sequence_length": cfg.max_sequence_length,
+                "template_cut": cfg.template_cut}
 
     def build_data(self) -> None:
         """Build the synthetic dataset, on rank 0 alone (see `build_on_rank0`); a no-op once it is there.
@@ -501,10 +502,25 @@ class LatentDataModule(L.LightningDataModule):
             raise DataError(f"{self.root}: no bucket has a readable index.json; re-run `lit-ovis prepare`")
         return usable
 
+    def _check_template_cut(self, dirs: list[str]) -> None:
+        """Stored text (embeddings or tokens) cut as the model cuts it: a mismatch would shift every caption."""
+        module = getattr(self.trainer, "lightning_module", None)
+        if getattr(module, "encoders_cfg", None) is None:  # a data module read on its own: no model to agree with
+            return
+        want = module.encoders_cfg.template_cut
+        for d in dirs:
+            config = (resolution_report(d) or {}).get("config", {})
+            if config.get("text_encoder") and (config.get("text_storage") or "embeddings") != "captions":
+                have = config.get("template_cut", "pipeline")
+                if have != want:
+                    raise DataError(f"{d}: text prepared with template_cut={have} but the model uses {want}; re-run "
+                                    f"lit-ovis prepare with --template-cut {want} or set --model.encoders.template_cut={have}")
+
     def setup(self, stage: str) -> None:
         rank, world = self._rank_world()
         self.build_data()
         dirs = self._readable(discover_buckets(self.root, self._resolutions()), rank)
+        self._check_template_cut(dirs)
         sizes = bucket_sizes(dirs)
         keys = [bucket_key(d) for d in dirs]
         damage = self._scan_damage(dirs, rank)
@@ -607,7 +623,7 @@ class LatentDataModule(L.LightningDataModule):
 
 def ensure_synthetic_dataset(
     root: str, samples: int = 64, resolution: int = 64, text_encoder: str | None = "tiny", vae: str = "tiny",
-    max_sequence_length: int = 256, seed: int = 0,
+    max_sequence_length: int = 256, seed: int = 0, template_cut: str = "pipeline",
 ) -> dict:
     """Prepare a synthetic text-rendering dataset at `resolution` in `root`; a no-op when one with the same
     inputs and settings is already there (prepare's fingerprint), incremental when only `samples` grew."""
@@ -616,7 +632,8 @@ def ensure_synthetic_dataset(
 
     cfg = PrepareConfig(
         output_dir=root, resolution=resolution, min_side=min(64, resolution), text_encoder=text_encoder, vae=vae,
-        max_sequence_length=max_sequence_length, seed=seed, num_workers=min(2, os.cpu_count() or 1), shard_size=64,
+        max_sequence_length=max_sequence_length, template_cut=template_cut, seed=seed, num_workers=min(2, os.cpu_count() or 1),
+        shard_size=64,
     )
     # One process builds the whole set (the training's rank 0, while the others wait): never a shard of a group
     # inferred from the launcher's environment, which under srun/torchrun would wait for ranks that are not preparing.

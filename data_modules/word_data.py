@@ -31,7 +31,7 @@ class WordData:
 
 
 def ensure_word_data(root: str | Path, task: WordTaskConfig | None = None, autoencoder: AutoencoderConfig | None = None,
-                     text_encoder: str = "tiny", max_sequence_length: int = 216, log: Callable[[str], None] | None = print) -> WordData:
+                     text_encoder: str = "tiny", max_sequence_length: int = 104, template_cut: str = "template", log: Callable[[str], None] | None = print) -> WordData:
     """Render the task, train (or reuse) its autoencoder and prepare the training split's latents with text
     embeddings, under `root`. Returns the paths a config needs (`--model.encoders.vae`, `--data.root`, ...)."""
     from data_modules.prepare import PrepareConfig, prepare
@@ -46,7 +46,7 @@ def ensure_word_data(root: str | Path, task: WordTaskConfig | None = None, autoe
     min_side = min(min(size) for size in task_report["sizes"])
     cfg = PrepareConfig(output_dir=str(root / "latents"), resolution=task.resolution, min_side=min_side, dedup=False,
                         vae=str(ae_folder), text_encoder=text_encoder, max_sequence_length=max_sequence_length,
-                        num_workers=min(2, os.cpu_count() or 1), shard_size=256)
+                        template_cut=template_cut, num_workers=min(2, os.cpu_count() or 1), shard_size=256)
     latents_report = prepare(records_from_manifest(manifests["train"]), cfg, progress=log is not None, shard=ShardSpec())  # one process, whatever the launcher
     return WordData(root, ae_folder, root / "latents", manifests,
                     {"task": task_report, "autoencoder": ae_report, "latents": latents_report})

@@ -112,5 +112,6 @@ def test_lora_configs_train_an_adapter_on_one_gpu(stage):
 def test_word_task_sft_config_resolves_with_its_autoencoder_and_text_length():
     cfg = resolved("words_sft")
     encoders = cfg["model"]["init_args"]["encoders"]
-    assert (encoders["vae"], encoders["text_encoder"], encoders["max_sequence_length"]) == ("data/words/autoencoder", "tiny", 216)
+    assert (encoders["vae"], encoders["text_encoder"], encoders["max_sequence_length"], encoders["template_cut"]) == (
+        "data/words/autoencoder", "tiny", 104, "template")
     assert cfg["data"]["init_args"]["root"] == "data/words/latents" and cfg["trainer"]["accelerator"] == "cpu"

@@ -67,6 +67,22 @@ def test_word_accuracy_interval_covers_the_estimate_and_narrows_with_more_images
     assert word_accuracy_interval([WordScores(1, 1)] * 8) == (1.0, 1.0)
 
 
+def test_paired_gain_interval_by_hand_and_by_significance():
+    from lit_ovis.scoring.metrics import word_accuracy_gain_interval
+
+    before = [WordScores(1, 0), WordScores(2, 1), WordScores(1, 1), WordScores(1, 0)]
+    after = [WordScores(1, 1), WordScores(2, 2), WordScores(1, 1), WordScores(1, 0)]
+    gain, low, high = word_accuracy_gain_interval(before, after)
+    assert gain == pytest.approx(4 / 5 - 2 / 5)  # pooled over the 5 words of the same 4 images
+    assert low <= gain <= high
+    # the same gain on many images is significant; no change never is
+    gain, low, high = word_accuracy_gain_interval(before * 50, after * 50)
+    assert 0 < low < gain < high
+    assert word_accuracy_gain_interval(after * 20, after * 20) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        word_accuracy_gain_interval(before, after[:3])
+
+
 def test_longtext_text_accuracy_by_hand():
     # EN: punctuation deleted (not split on), lower case, multiset of words
     target = " ".join(["Visit EVExpo2023.com for details", "CENTRAL PARK - 2 BLOCKS"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, use_ema: bool | Non
     transformer = backbone_from_checkpoint(ckpt, use_ema=use_ema, source=checkpoint_path,  # the architecture it trained
                                            lora_scale=lora_scale)
     torch_dtype = DTYPES[dtype]
+    if encoders.template_cut != "pipeline":  # the exported pipeline always cuts OvisImagePipeline's 28 tokens
+        print(f"warning: {checkpoint_path} trained with template_cut={encoders.template_cut}; OvisImagePipeline cuts 28 "
+              "template tokens, so the export's samples differ from the run's (lit_ovis.load_module on the checkpoint "
+              "samples as trained)", file=sys.stderr)
     pipe = build_pipeline(
         transformer.to(torch_dtype),
         build_text_encoder(encoders.text_encoder, encoders.max_sequence_length, dtype=torch_dtype),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
-from lit_ovis.errors import CheckpointError
+from lit_ovis.errors import CheckpointError, ConfigError
 from lit_ovis.files import check_weights_source, hub_load_failure
 from lit_ovis.models.presets import TEXT_ENCODER_PRESETS, TINY_SEED
 from lit_ovis.models.tokenizer import build_byte_tokenizer
@@ -27,6 +27,27 @@ OVIS_SYSTEM_PROMPT = (
 # Tokens of "<|im_start|>user\n" + system prompt under the Qwen tokenizer; they are cut from the output.
 OVIS_PREFIX_TOKENS = 28
 MAX_SEQUENCE_LENGTH = 256
+# How many template tokens are cut from the front of the encoder's output (`EncoderConfig.template_cut`).
+TEMPLATE_CUTS = ("pipeline", "template")
+
+
+def template_prefix_tokens(tokenizer, system_prompt: str = OVIS_SYSTEM_PROMPT) -> int:
+    """Tokens this tokenizer spends on the template before the user's caption: the first position where two
+    different captions' token ids differ (the byte-level tiny tokenizer: 140; the pipeline assumes Qwen's 28)."""
+    a, b = (tokenizer(format_prompts(tokenizer, [c], system_prompt), add_special_tokens=False)["input_ids"][0]
+            for c in ("A", "B"))
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def prefix_tokens_for(tokenizer, template_cut: str = "pipeline", system_prompt: str = OVIS_SYSTEM_PROMPT) -> int:
+    """`template_cut` -> tokens cut: "pipeline" = OvisImagePipeline's fixed 28 (exports sample alike); "template" =
+    this tokenizer's own template length, so only the caption and the chat suffix stay."""
+    if template_cut == "pipeline":
+        return OVIS_PREFIX_TOKENS
+    if template_cut == "template":
+        return template_prefix_tokens(tokenizer, system_prompt)
+    raise ConfigError(f"template_cut '{template_cut}' is not one of {', '.join(TEMPLATE_CUTS)}; set "
+                      "--model.encoders.template_cut to pipeline (OvisImagePipeline's 28 tokens) or template")
 
 
 def text_ids(seq_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -109,7 +130,7 @@ def format_prompts(tokenizer, prompts: list[str], system_prompt: str = OVIS_SYST
 
 
 def prompt_token_ids(tokenizer, prompts: list[str], max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-                     prefix_tokens: int = OVIS_PREFIX_TOKENS) -> list[list[int]]:
+                     prefix_tokens: int = OVIS_PREFIX_TOKENS) -> list[list[int]]:  # prefix: `prefix_tokens_for`
     """The token ids `OvisTextEncoder.tokenize` feeds the encoder, without the padding: what `prepare
     --text-storage tokens` stores, so training encodes online (`encode_tokens`) without the template or tokenizer."""
     return tokenizer(format_prompts(tokenizer, prompts), truncation=True, max_length=max_sequence_length + prefix_tokens,
@@ -137,9 +158,11 @@ def build_text_encoder(
     source: str = "tiny",
     max_sequence_length: int = MAX_SEQUENCE_LENGTH,
     dtype: torch.dtype = torch.float32,
+    template_cut: str = "pipeline",
 ) -> OvisTextEncoder:
     """`source`: a preset (`tiny`; `ovis2.5-2b` random init) or a diffusers pipeline folder / hub id that has
-    `text_encoder/` and `tokenizer/` subfolders (e.g. AIDC-AI/Ovis-Image-7B)."""
+    `text_encoder/` and `tokenizer/` subfolders (e.g. AIDC-AI/Ovis-Image-7B). `template_cut`: see
+    `prefix_tokens_for`."""
     if source in TEXT_ENCODER_PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
@@ -149,7 +172,8 @@ def build_text_encoder(
                 f"text encoder preset '{source}' has no tokenizer offline; set --model.encoders.text_encoder to a "
                 "folder with text_encoder/ and tokenizer/ (e.g. a local copy of AIDC-AI/Ovis-Image-7B)"
             )
-        return OvisTextEncoder(model.to(dtype), build_byte_tokenizer(), max_sequence_length)
+        tokenizer = build_byte_tokenizer()
+        return OvisTextEncoder(model.to(dtype), tokenizer, max_sequence_length, prefix_tokens_for(tokenizer, template_cut))
     path = Path(source)
     local = check_weights_source(source, "text encoder")
     enc_sub = "text_encoder" if (path / "text_encoder").is_dir() or not local else None
@@ -162,4 +186,4 @@ def build_text_encoder(
             f"{source}: could not load the text encoder ({hub_load_failure(source, err)}); set "
             "--model.encoders.text_encoder to 'tiny', a local pipeline folder or a cached hub id"
         ) from None
-    return OvisTextEncoder(model, tokenizer, max_sequence_length)
+    return OvisTextEncoder(model, tokenizer, max_sequence_length, prefix_tokens_for(tokenizer, template_cut))

@@ -106,7 +106,8 @@ class OvisBaseModule(L.LightningModule):
         """Text encoder and VAE (frozen), and the reference copy when the stage needs one and trains no LoRA."""
         dtype = DTYPES[self.encoders_cfg.dtype]
         self._frozen["text_encoder"] = build_text_encoder(
-            self.encoders_cfg.text_encoder, self.encoders_cfg.max_sequence_length, dtype=dtype
+            self.encoders_cfg.text_encoder, self.encoders_cfg.max_sequence_length, dtype=dtype,
+            template_cut=self.encoders_cfg.template_cut,
         )
         self._frozen["vae"] = build_vae(self.encoders_cfg.vae, dtype=dtype)
         if self.needs_reference() and not self.lora_cfg.enabled:

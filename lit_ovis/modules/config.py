@@ -30,6 +30,11 @@ class EncoderConfig:
     """FLUX VAE: preset ("tiny", "flux") or a folder / hub id with vae/."""
     max_sequence_length: int = 256
     """Prompt length in tokens (the pipeline's default is 256)."""
+    template_cut: str = "pipeline"
+    """Template tokens cut from the front of the text encoder's output: "pipeline" (OvisImagePipeline's fixed 28,
+    right for Qwen's tokenizer; exports sample alike) or "template" (the tokenizer's own template length, so the
+    tokens hold only the caption: for tokenizers that split the system prompt into more tokens, e.g. the tiny
+    byte-level one, which otherwise keeps 112 identical system-prompt bytes before every caption)."""
     dtype: str = "fp32"
     """Dtype of the frozen encoders: "fp32", "bf16" (GPUs) or "fp16"."""
     text_encoder_device: str = "auto"

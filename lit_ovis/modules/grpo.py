@@ -26,6 +26,8 @@ set `module.reward_fns = {"name": fn}` with fn(images [N,3,H,W] in [0,1], prompt
 
 from __future__ import annotations
 
+import time
+
 import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -307,23 +309,31 @@ class GRPOModule(OvisBaseModule):
         targets = list(batch.get("target_texts", [""] * len(prompts)))
         langs = list(batch.get("languages", [""] * len(prompts)))
 
+        started = time.perf_counter()
         ro = self.rollout(prompts)
         traj: Trajectory = ro["traj"]
         n = traj.latents.shape[0]
         metadata = [{"target_text": t, "language": l} for t, l in zip(targets, langs) for _ in range(cfg.rollout.group_size)]
+        scoring = time.perf_counter()  # the scorers read images on the host: the rollout has finished by now
         reward, per_scorer = self.score(ro["images"], ro["prompts"], metadata)
+        scored = time.perf_counter()
         keys = prompt_keys(ro["prompts"], device=self.device)
         adv = global_group_advantages(reward, keys, cfg.advantages.eps, cfg.advantages.global_std, self.tracker).to(self.device)
         start, end = self.choose_window(traj, adv, keys)
         window = list(range(start, end))
 
         stats = self._update(ro, traj, adv, window, opt, sched)
+        done = time.perf_counter()
 
         log = {"reward/mean": reward.mean(), "reward/std": reward.std(unbiased=False)}
         for name, r in per_scorer.items():
             log[f"reward/{name}_mean"], log[f"reward/{name}_std"] = r.mean(), r.std(unbiased=False)
         log.update({"adv/mean": adv.mean(), "adv/std": adv.std(unbiased=False), "adv/abs_max": adv.abs().max(),
-                    "window/start": float(start), "window/end": float(end)})
+                    "window/start": float(start), "window/end": float(end),
+                    # wall time of the iteration's parts (host clock; on a GPU the update's tail may still be queued)
+                    "time/rollout_s": scoring - started, "time/reward_s": scored - scoring, "time/update_s": done - scored,
+                    "time/reward_share": (scored - scoring) / max(done - started, 1e-9),
+                    "time/reward_images_per_s": n / max(scored - scoring, 1e-9)})
         log.update(stats)
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=n)
         self.log("train/reward", reward.mean(), on_step=True, batch_size=n)  # shown by callbacks.progress

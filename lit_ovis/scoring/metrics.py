@@ -217,3 +217,26 @@ def aggregate(records: list[dict], names: list[str] | None = None) -> dict:
     if regions:  # CVTG-2K's breakdown by the number of text regions in the prompt
         agg["cvtg_by_regions"] = {str(n): group_metrics([r for r in records if r.get("regions") == n], names) for n in regions}
     return agg
+
+
+def word_accuracy_gain_interval(before: list[WordScores], after: list[WordScores], level: float = 0.95,
+                                resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(gain, low, high): pooled word accuracy of `after` minus `before` on the same images (paired: entry i of
+    both lists scores the same prompt and seed), with a percentile-bootstrap interval resampling images. A gain
+    is significant at `level` when `low > 0`."""
+    import random
+
+    if len(before) != len(after):
+        raise ValueError(f"paired scores need the same images ({len(before)} vs {len(after)})")
+    pairs = [(b, a) for b, a in zip(before, after) if b.total and a.total]
+    if not pairs:
+        return float("nan"), float("nan"), float("nan")
+
+    def gain(sample):
+        return (sum(a.correct for _, a in sample) / sum(a.total for _, a in sample)
+                - sum(b.correct for b, _ in sample) / sum(b.total for b, _ in sample))
+
+    rng = random.Random(seed)
+    stats = sorted(gain([pairs[rng.randrange(len(pairs))] for _ in pairs]) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return gain(pairs), stats[int(tail * (resamples - 1))], stats[int(round((1 - tail) * (resamples - 1)))]
