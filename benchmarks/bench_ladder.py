@@ -138,6 +138,30 @@ def evaluate(checkpoint: str, manifest: Path, out: Path, limit: int, steps: int 
     return result
 
 
+def sample_grid(eval_dir: Path, out: Path, n: int = 18, per_row: int = 6) -> Path:
+    """The first `n` samples of an eval (the same prompts and seeds at every stage), OCR text under each image."""
+    from PIL import Image, ImageDraw
+
+    from lit_ovis.render import load_font
+
+    samples = json.loads((eval_dir / "metrics.json").read_text())["samples"][:n]
+    cell_w, cell_h, label = 192, 96, 18
+    rows = -(-len(samples) // per_row)
+    grid = Image.new("RGB", (per_row * cell_w, rows * (cell_h + label)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = load_font(12, "中")  # a CJK-capable font: labels hold Chinese OCR text
+    for i, s in enumerate(samples):
+        img = Image.open(eval_dir / s["image"]).convert("RGB")
+        img.thumbnail((cell_w, cell_h))
+        x, y = (i % per_row) * cell_w, (i // per_row) * (cell_h + label)
+        grid.paste(img, (x + (cell_w - img.width) // 2, y + (cell_h - img.height) // 2))
+        mark = "ok" if s["ocr"]["word_correct"] == s["ocr"]["word_total"] else "x"
+        draw.text((x + 4, y + cell_h + 2), f"{s['target_text']} -> {s['ocr_text'] or '-'} [{mark}]", fill="black", font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
+
+
 def gain(before: dict, after: dict) -> dict:
     g, low, high = word_accuracy_gain_interval([WordScores(*w) for w in before["_words"]], [WordScores(*w) for w in after["_words"]])
     return {"gain": round(g, 4), "ci95": [round(low, 4), round(high, 4)], "significant": bool(low > 0)}
@@ -165,7 +189,7 @@ def make_pairs(checkpoint: str, manifest: Path, out: Path, n: int, resolution: i
                "--resolution", str(resolution), "--checkpoint", checkpoint, "--scorers", "ocr=1.0",
                "--scorer-kwargs", OCR_KWARGS, "--steps", str(steps), "--guidance-scale", "4.0", "--batch-size", "16"]
         run(cmd, f"make-pairs {out.name}")
-    return json.loads(report.read_text())
+    return json.loads((out / str(resolution) / "report.json").read_text())  # the resolution's: counts and winners
 
 
 def winner_error(record: dict) -> dict:
@@ -215,6 +239,7 @@ def main() -> None:
 
     def score(name: str, checkpoint: str) -> dict:
         out = {"heldout": evaluate(checkpoint, manifests["heldout"], run_dir / "eval" / name / "heldout", args.heldout, args.sampling_steps)}
+        out["grid"] = str(sample_grid(run_dir / "eval" / name / "heldout", run_dir / "grids" / f"{name}.png"))
         if args.unseen:
             out["unseen"] = evaluate(checkpoint, manifests["unseen"], run_dir / "eval" / name / "unseen", args.unseen, args.sampling_steps)
         return out
