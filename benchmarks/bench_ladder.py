@@ -14,7 +14,7 @@ Every stage runs as a user chains them, one command each, each starting from the
 After each stage `lit-ovis eval` samples the held-out prompts (the training words in unseen seeds, colours and
 layouts, each at its own size) and reads them with the OCR fast path: word accuracy with a 95% bootstrap
 interval, NED, the paired gain over the previous rung with its interval, and mean brightness / RMS contrast of
-the samples (OCR-driven RL is known to darken or blur images). The unseen-word split is reported, not targeted.
+the samples (the `brightness` / `contrast` scorers: OCR-driven RL is known to darken or blur images). The unseen-word split is reported, not targeted.
 
 Resumable: a finished stage (its `done.json`) is skipped, a killed `fit` resumes from its last checkpoint
 (`ckpt_path: last`), eval reuses finished samples. Results: `<run>/ladder.json` and `--out` (Markdown).
@@ -100,19 +100,6 @@ def tensorboard_curves(tb: Path, points: int = 6) -> dict[str, list]:
     return out
 
 
-def image_stats(paths: list[Path]) -> dict[str, float]:
-    """Mean luminance and RMS contrast (std of luminance) in [0, 1], averaged over images."""
-    import numpy as np
-    from PIL import Image
-
-    lum, con = [], []
-    for p in paths:
-        y = np.asarray(Image.open(p).convert("L"), dtype=np.float64) / 255.0
-        lum.append(y.mean())
-        con.append(y.std())
-    return {"brightness": round(float(np.mean(lum)), 4), "contrast": round(float(np.mean(con)), 4)}
-
-
 def evaluate(checkpoint: str, manifest: Path, out: Path, limit: int, steps: int | None) -> dict:
     """`lit-ovis eval` of one checkpoint on one split; returns the pooled metrics and per-image word scores."""
     metrics, summary = out / "metrics.json", out / "ladder_eval.json"
@@ -120,7 +107,7 @@ def evaluate(checkpoint: str, manifest: Path, out: Path, limit: int, steps: int 
     key = {"checkpoint": checkpoint, "mtime_ns": stat.st_mtime_ns, "size": stat.st_size, "limit": limit, "steps": steps}
     if summary.exists() and json.loads(summary.read_text()).get("key") == key:  # scored before: nothing to run
         return json.loads(summary.read_text())["result"]
-    cmd = [sys.executable, "-m", "lit_ovis", "eval", checkpoint, str(manifest), "--output-dir", str(out), "--scorers", "ocr",
+    cmd = [sys.executable, "-m", "lit_ovis", "eval", checkpoint, str(manifest), "--output-dir", str(out), "--scorers", "ocr,brightness,contrast",
            "--scorer-kwargs", OCR_KWARGS, "--limit", str(limit), "--batch-size", "16"]
     if steps:
         cmd += ["--steps", str(steps)]
@@ -132,7 +119,9 @@ def evaluate(checkpoint: str, manifest: Path, out: Path, limit: int, steps: int 
     agg = report["aggregate"]
     result = {"images": len(samples), **{k: round(v, 4) if isinstance(v, float) else v for k, v in pool_words(words).items()},
             "ci95": [round(low, 4), round(high, 4)], "en": agg.get("en", {}).get("word_accuracy"),
-            "zh": agg.get("zh", {}).get("word_accuracy"), **image_stats([out / s["image"] for s in samples]), "wall_s": wall,
+            "zh": agg.get("zh", {}).get("word_accuracy"), "wall_s": wall,
+            # mean luminance and its std over pixels (lit_ovis.scoring's scorers), averaged over the images
+            **{k: round(agg["all"][k], 4) for k in ("brightness", "contrast")},
             "_words": [[w.total, w.correct] for w in words]}
     summary.write_text(json.dumps({"key": key, "result": result}))
     return result
