@@ -274,9 +274,8 @@ def main() -> None:
         record = fit(run_dir / f"grpo_{name}", ["configs/grpo.yaml", "configs/words_grpo.yaml"],
                      [f"--model.init_args.backbone.pretrained={dpo[best]['checkpoint']}", f"--data.prompt_file={manifests['train']}",
                       f"--trainer.max_steps={args.grpo_steps}", *encoders, *GRPO_VARIANTS[name], *extra["grpo"]], f"GRPO ({name})")
-        stages[f"grpo_{name}"] = {**record, **score(f"grpo_{name}", record["checkpoint"]),
-                                  "gain_over_dpo": None}
-        stages[f"grpo_{name}"]["gain_over_dpo"] = gain(dpo[best]["heldout"], stages[f"grpo_{name}"]["heldout"])
+        scores = score(f"grpo_{name}", record["checkpoint"])
+        stages[f"grpo_{name}"] = {**record, **scores, "gain_over_dpo": gain(dpo[best]["heldout"], scores["heldout"])}
         save()
     save()
     log(f"done in {results['wall_s']} s: {run_dir / 'ladder.json'}")

@@ -144,15 +144,16 @@ def load_models(cfg: PairsConfig, device: torch.device):
     from lit_ovis.sampling.generate import SamplingConfig
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cut = "pipeline"  # a bare transformer file or random init: the pipeline's template cut
     if brings_its_own_model(cfg.checkpoint):
         from lit_ovis.loading import load_module
 
         module = load_module(cfg.checkpoint, max_sequence_length=cfg.max_sequence_length)
         backbone, text_encoder, vae, sampling = module.backbone, module.text_encoder, module.vae, module.sampling_cfg
+        cut = module.encoders_cfg.template_cut
     else:
         backbone, text_encoder, vae, sampling = build_backbone(cfg.backbone_preset, cfg.checkpoint), None, None, SamplingConfig()
     if cfg.text_encoder or text_encoder is None:
-        cut = module.encoders_cfg.template_cut if brings_its_own_model(cfg.checkpoint) else "pipeline"
         text_encoder = build_text_encoder(cfg.text_encoder or DEFAULT_ENCODERS, cfg.max_sequence_length or 256, dtype=dtype,
                                           template_cut=cut)
     if cfg.vae or vae is None:

@@ -508,7 +508,7 @@ class LatentDataModule(L.LightningDataModule):
         if getattr(module, "encoders_cfg", None) is None:  # a data module read on its own: no model to agree with
             return
         want = module.encoders_cfg.template_cut
-        for d in dirs:
+        for d in {os.path.dirname(d.rstrip("/")): d for d in dirs}.values():  # one report per resolution
             config = (resolution_report(d) or {}).get("config", {})
             if config.get("text_encoder") and (config.get("text_storage") or "embeddings") != "captions":
                 have = config.get("template_cut", "pipeline")
