@@ -2,7 +2,7 @@
 
 It measures, each measurement guarded (a missing kernel or an OOM is recorded and the rest go on) and all of
 them within one time budget (`--budget-s`; what no longer fits is recorded as skipped, never run half):
-1. host syncs per training step of configs/demo.yaml's flow-matching training on the device
+1. host syncs per training step of configs/smoke.yaml's flow-matching training on the device
    (`callbacks.host_reads.HostReadCounter`: `aten::_local_scalar_dense` calls and every operation CUDA's
    sync-debug mode flags), by step class: plain steps should show 0;
 2. training MFU of full-width blocks (2 double + 4 single, 3072 wide = 24 heads x 128) at 256/512/1024 with
@@ -212,10 +212,10 @@ def attention_backend(model, name: str):
 
 # ------------------------------------------------------------------------------------------ 1. host syncs
 def demo_config_in(root: Path, **data_overrides) -> Path:
-    """configs/demo.yaml with its output paths and data under `root` (the config hard-codes runs/demo)."""
+    """configs/smoke.yaml with its output paths and data under `root` (the config hard-codes runs/smoke)."""
     import yaml
 
-    text = (ROOT / "configs" / "demo.yaml").read_text().replace("runs/demo", str(root / "run"))
+    text = (ROOT / "configs" / "smoke.yaml").read_text().replace("runs/smoke", str(root / "run"))
     config = yaml.safe_load(text)
     config["data"]["init_args"].update({"root": str(root / "data"), **data_overrides})
     path = root / "demo.yaml"
@@ -410,7 +410,7 @@ def render_markdown(data: dict) -> str:
              f"budget; BF16 peak {_fmt(data.get('peak_bf16_tflops'))} TFLOP/s.", ""]
     ok = [r for r in results if r["status"] == "ok"]
     sync = [r for r in ok if r["part"] == "host_syncs"]
-    lines += ["## Host syncs per training step (configs/demo.yaml)", ""]
+    lines += ["## Host syncs per training step (configs/smoke.yaml)", ""]
     for r in sync:
         m = r["metrics"]
         lines += [f"{m['steps']} steps, logs every {m['log_every_n_steps']}: at most {_fmt(m['max_reads_per_plain_step'])} "
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     info = meta(args, cuda)
     check = Check(Path(args.out_dir), budget, info, start=PROCESS_START)
     parts = {
-        "host_syncs": lambda: check.run("host_syncs", "configs/demo.yaml training", lambda: host_syncs(args, cuda), 30 if args.smoke else 50),
+        "host_syncs": lambda: check.run("host_syncs", "configs/smoke.yaml training", lambda: host_syncs(args, cuda), 30 if args.smoke else 50),
         "training": lambda: training(check, args, cuda, info["peak_bf16_tflops"]),
         "sampling": lambda: sampling(check, args, cuda),
     }

@@ -10,7 +10,7 @@ Two counters, attributed to the step whose `on_train_batch_start` came last:
 
 Steps are classified so a test or a benchmark can ask for the steady state: "logging" (Lightning writes logs
 at its end), "first", "validation", "checkpoint", "epoch_end", "final", or "plain" (none of those).
-    python main.py fit --config configs/demo.yaml --trainer.callbacks+=callbacks.host_reads.HostReadCounter
+    python main.py fit --config configs/smoke.yaml --trainer.callbacks+=callbacks.host_reads.HostReadCounter
 prints a per-class summary at the end of training.
 """
 

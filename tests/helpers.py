@@ -171,14 +171,14 @@ class StageModuleTester:
             assert config_section(checkpoint, name, type(value)) == value
             assert config_section({"hyper_parameters": {name: dataclasses.asdict(value)}}, name, type(value)) == value
 def demo_config_in(tmp_path, **data_overrides):
-    """configs/demo.yaml with every output path (logs, checkpoints, grids, data) moved under `tmp_path`, the
-    rest unchanged, written to `tmp_path/demo.yaml` (the demo config hard-codes runs/demo)."""
+    """configs/smoke.yaml with every output path (logs, checkpoints, grids, data) moved under `tmp_path`, the
+    rest unchanged, written to `tmp_path/demo.yaml` (the demo config hard-codes runs/smoke)."""
     from pathlib import Path
 
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    text = (root / "configs" / "demo.yaml").read_text().replace("runs/demo", str(tmp_path / "run"))
+    text = (root / "configs" / "smoke.yaml").read_text().replace("runs/smoke", str(tmp_path / "run"))
     config = yaml.safe_load(text)
     config["data"]["init_args"].update({"root": str(tmp_path / "data"), **data_overrides})
     path = tmp_path / "demo.yaml"

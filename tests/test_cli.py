@@ -22,7 +22,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_print_config_shows_overrides():
-    proc = run_main("fit", "--config", "configs/demo.yaml", "--model.optimizer.lr", "1e-5", "--trainer.max_steps", "100", "--print_config")
+    proc = run_main("fit", "--config", "configs/smoke.yaml", "--model.optimizer.lr", "1e-5", "--trainer.max_steps", "100", "--print_config")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "lr: 1.0e-05" in proc.stdout and "max_steps: 100" in proc.stdout
     assert "\nckpt_path: last\n" in proc.stdout  # a rerun resumes by default
@@ -31,7 +31,7 @@ def test_print_config_shows_overrides():
 def test_override_changes_the_value_used(tmp_path):
     run = tmp_path / "run"
     proc = run_main(
-        "fit", "--config", "configs/demo.yaml", "--model.optimizer.lr", "3.5e-4", "--model.optimizer.warmup_steps", "0",
+        "fit", "--config", "configs/smoke.yaml", "--model.optimizer.lr", "3.5e-4", "--model.optimizer.warmup_steps", "0",
         "--trainer.max_steps", "2", f"--trainer.default_root_dir={run}", "--trainer.logger=false",
         "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={run}/ckpt",
         "--trainer.callbacks.every_n_train_steps=2",  # the demo holds out a validation set, run only every 5 epochs
@@ -104,7 +104,7 @@ def test_preflight_accepts_configs_that_work(cfg):
 
 def test_ckpt_path_null_is_kept_for_a_fresh_start(capsys):
     with pytest.raises(SystemExit) as exit_:
-        run(["fit", "--config", "configs/demo.yaml", "--ckpt_path", "null", "--print_config"])
+        run(["fit", "--config", "configs/smoke.yaml", "--ckpt_path", "null", "--print_config"])
     assert exit_.value.code == 0 and "\nckpt_path: null\n" in capsys.readouterr().out
 
 
@@ -117,7 +117,7 @@ def test_missing_or_corrupt_ckpt_path_is_one_line(tmp_path, capsys, kind):
         torch.save({"state_dict": {"w": torch.zeros(10_000)}}, ckpt)
         ckpt.write_bytes(ckpt.read_bytes()[:20_000])  # a copy cut short
     with pytest.raises(SystemExit) as exit_:
-        run(["fit", "--config", "configs/demo.yaml", "--ckpt_path", str(ckpt), "--trainer.logger=false",
+        run(["fit", "--config", "configs/smoke.yaml", "--ckpt_path", str(ckpt), "--trainer.logger=false",
              f"--trainer.default_root_dir={tmp_path}", f"--data.root={tmp_path}/data"])
     assert exit_.value.code == 2
     lines = error_lines(capsys.readouterr().err)
@@ -138,7 +138,7 @@ def tiny_data(tmp_path_factory):
 
 def tiny_run(tmp_path, data, *callbacks: str, steps: int = 6) -> subprocess.CompletedProcess:
     return run_main(
-        "fit", "--config", "configs/demo.yaml", "--trainer.max_steps", str(steps), f"--trainer.default_root_dir={tmp_path}/run",
+        "fit", "--config", "configs/smoke.yaml", "--trainer.max_steps", str(steps), f"--trainer.default_root_dir={tmp_path}/run",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.callbacks=callbacks.nan_guard.NanGuard",
         "--trainer.callbacks.max_consecutive=2", *callbacks, f"--data.root={data}", "--data.synthetic_samples=16",
         "--data.synthetic_resolution=32", "--data.batch_size=4", "--data.num_workers=0",

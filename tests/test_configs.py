@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["demo", "pretrain_256", "pretrain_multires", "sft", "dpo", "grpo"]
+STAGES = ["demo", "smoke", "pretrain_256", "pretrain_multires", "sft", "dpo", "grpo"]
 
 
 def resolved(*configs: str) -> dict:
@@ -29,7 +29,7 @@ def resolved(*configs: str) -> dict:
 def test_stage_config_resolves(stage):
     cfg = resolved(stage)
     assert cfg["model"]["class_path"].startswith("lit_ovis.modules.")
-    if stage != "demo":  # the 7B stages: sharded by default, bf16 compute, fp32 masters and reduction
+    if stage not in ("demo", "smoke"):  # the 7B stages: sharded by default, bf16 compute, fp32 masters and reduction
         args = cfg["model"]["init_args"]
         assert args["backbone"]["preset"] == "ovis-image-7b"
         assert cfg["trainer"]["strategy"]["class_path"] == "lit_ovis.parallel.strategy.AtomicModelParallelStrategy"

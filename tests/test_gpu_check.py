@@ -34,7 +34,7 @@ def test_smoke_mode_runs_every_part_and_records_a_failure(tmp_path):
     by = {(r["part"], r["name"]): r for r in data["results"]}
     assert data["mode"] == "smoke" and data["elapsed_s"] < data["budget_s"]
 
-    syncs = by["host_syncs", "configs/demo.yaml training"]
+    syncs = by["host_syncs", "configs/smoke.yaml training"]
     assert syncs["status"] == "ok" and syncs["metrics"]["plain_steps"] > 0
     assert syncs["metrics"]["max_reads_per_plain_step"] == 0  # item 3's target, on the demo's own code path
 

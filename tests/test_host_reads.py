@@ -1,4 +1,4 @@
-"""configs/demo.yaml's training reads no device value on the host between logging steps: every such read
+"""configs/smoke.yaml's training reads no device value on the host between logging steps: every such read
 (`aten::_local_scalar_dense`: `.item()`, `float(t)`, `bool(t)`) makes the host wait for the GPU's whole queue.
 The NaN guard decides skips on the device, Lightning gets no prog_bar step metrics to convert, and the
 progress display, step log and throughput logger read only on logging steps (callbacks.host_reads counts)."""

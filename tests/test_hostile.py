@@ -313,7 +313,7 @@ def test_fit_on_damaged_data_exits_0_and_logs_every_reason(tmp_path):
     corpus = write_damaged_dataset(tmp_path / "data")
     ckpt = tmp_path / "ckpt"
     proc = subprocess.run(
-        [sys.executable, "main.py", "fit", "--config", "configs/demo.yaml", f"--data.root={tmp_path / 'data'}", "--data.synthetic_samples=0",
+        [sys.executable, "main.py", "fit", "--config", "configs/smoke.yaml", f"--data.root={tmp_path / 'data'}", "--data.synthetic_samples=0",
          "--data.batch_size=3", "--data.num_workers=1", "--data.val_samples_per_bucket=0", "--trainer.max_steps=12",
          f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
          "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={ckpt}",
@@ -338,7 +338,7 @@ def test_fit_on_damaged_data_exits_0_and_logs_every_reason(tmp_path):
 def test_two_process_run_builds_its_data_on_rank0_from_an_empty_folder(tmp_path):
     data = tmp_path / "empty"
     proc = subprocess.run(
-        [sys.executable, "main.py", "fit", "--config", "configs/demo.yaml", "--trainer.devices=2", "--trainer.strategy=ddp",
+        [sys.executable, "main.py", "fit", "--config", "configs/smoke.yaml", "--trainer.devices=2", "--trainer.strategy=ddp",
          "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
          "--trainer.enable_progress_bar=false", "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint",
          f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=3", f"--data.root={data}",

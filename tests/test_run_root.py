@@ -39,7 +39,7 @@ def test_default_root_dir_moves_logs_grids_and_checkpoints_and_the_rerun_resumes
     monkeypatch.chdir(tmp_path)
     moved = tmp_path / "elsewhere" / "demo"
     with torch_threads(1):
-        cli = run(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), f"--trainer.default_root_dir={moved}",
+        cli = run(["fit", "--config", str(ROOT / "configs" / "smoke.yaml"), f"--trainer.default_root_dir={moved}",
                    "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                    "--model.sampling.steps=1", "--model.sampling.height=32", "--model.sampling.width=32",
                    "--model.encoders.max_sequence_length=8", f"--data.root={tmp_path / 'data'}", "--data.synthetic_samples=4",
@@ -49,7 +49,7 @@ def test_default_root_dir_moves_logs_grids_and_checkpoints_and_the_rerun_resumes
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
     assert list((moved / "tb").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (moved / "tb" / "samples").glob("*.png")) == ["step_0000000.png", "step_0000002.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "elsewhere"]  # nothing in runs/demo or lightning_logs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "elsewhere"]  # nothing in runs/smoke or lightning_logs
     # What rerunning the same command does before it trains (`OvisCLI._resolve_ckpt_path`): resume from there,
     # logging into the same, unversioned TensorBoard folder.
     assert resolve_ckpt_path(cli.trainer) == str(last)

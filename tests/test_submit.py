@@ -11,7 +11,7 @@ import pytest
 
 from lit_ovis.cli import submit
 
-HSDP = ["--config", "configs/demo.yaml", "--config", "configs/strategy/hsdp.yaml"]
+HSDP = ["--config", "configs/smoke.yaml", "--config", "configs/strategy/hsdp.yaml"]
 
 
 def dry_run(capsys, *argv: str) -> str:
@@ -44,7 +44,7 @@ def test_dry_run_renders_the_job(capsys, nodes):
         assert f"#SBATCH {expected}" in header, (expected, header)
     assert "srun --kill-on-bad-exit=1 " in script  # srun starts ntasks-per-node processes: one per GPU
     args = srun_args(script)
-    assert option(args, "--config") == ["configs/demo.yaml", "configs/strategy/hsdp.yaml"]
+    assert option(args, "--config") == ["configs/smoke.yaml", "configs/strategy/hsdp.yaml"]
     assert option(args, "--trainer.num_nodes") == [str(nodes)] and option(args, "--trainer.devices") == ["8"]
     assert "--trainer.plugins+=lightning.pytorch.plugins.environments.SLURMEnvironment" in args
     assert "--trainer.plugins.auto_requeue=false" in args
@@ -61,7 +61,7 @@ def test_user_replicate_override_wins(capsys):
 
 
 def test_no_replicate_override_without_hsdp(capsys):
-    script = dry_run(capsys, "--config", "configs/demo.yaml", "--nodes", "2", "--gpus-per-node", "2", "--cpu")
+    script = dry_run(capsys, "--config", "configs/smoke.yaml", "--nodes", "2", "--gpus-per-node", "2", "--cpu")
     args = srun_args(script)
     assert "--model.parallel.data_parallel_replicate" not in args and option(args, "--trainer.accelerator") == ["cpu"]
     assert "--gpus-per-node" not in script

@@ -148,14 +148,26 @@ def test_word_first_captions_open_with_the_quoted_word_and_keep_the_render():
         WordTask(WordTaskConfig(**SMALL, caption_style="last"))
 
 
-def test_folders_built_before_caption_style_existed_keep_their_fingerprint():
-    # The fingerprint data/words/task.json carries since before the setting: [FORMAT, settings without it].
+def test_folders_built_before_caption_style_and_colours_existed_keep_their_fingerprint():
+    # The fingerprint data/words/task.json carries since before the settings: [FORMAT, settings without them].
     import hashlib
     from dataclasses import asdict
 
     from data_modules.synthetic.word_task import FORMAT
 
     cfg = WordTaskConfig(**SMALL)
-    before = {k: v for k, v in asdict(cfg).items() if k != "caption_style"}
+    before = {k: v for k, v in asdict(cfg).items() if k not in ("caption_style", "colours")}
     assert cfg.fingerprint() == hashlib.sha256(json.dumps([FORMAT, before], sort_keys=True).encode()).hexdigest()[:16]
     assert WordTaskConfig(**SMALL, caption_style="word_first").fingerprint() != cfg.fingerprint()
+    assert WordTaskConfig(**SMALL, colours=("black", "white")).fingerprint() != cfg.fingerprint()
+    assert WordTaskConfig(**SMALL, colours=["black", "white"]).fingerprint() == WordTaskConfig(**SMALL, colours=("black", "white")).fingerprint()
+
+
+def test_colours_limit_the_palette_and_unknown_names_fail_in_one_line():
+    task = WordTask(WordTaskConfig(**SMALL, colours=("black", "white")))
+    specs = task.specs("train")
+    assert {(s.fg, s.bg) for s in specs} == {("black", "white"), ("white", "black")}
+    with pytest.raises(ConfigError, match="--colours"):
+        WordTask(WordTaskConfig(**SMALL, colours=("black", "mauve")))
+    with pytest.raises(ConfigError, match="--colours"):
+        WordTask(WordTaskConfig(**SMALL, colours=("black",)))

@@ -44,7 +44,7 @@ FORMAT = 1  # bump when the rendering of a given config changes
 # Settings added after FORMAT 1 and the value that behaves as before: they enter the fingerprint only when set
 # otherwise, so folders built before they existed (same renders, same captions) stay valid instead of being
 # re-rendered, which would also retrain the autoencoder and re-encode the latents kept beside them.
-LATER_SETTINGS = {"caption_style": "engine"}
+LATER_SETTINGS = {"caption_style": "engine", "colours": ()}
 SINGLE_LINE_LAYOUTS = tuple(layout for layout in LAYOUTS if layout != "paragraph")
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/wqy", "/usr/share/fonts/opentype/noto")
 
@@ -73,6 +73,9 @@ class WordTaskConfig:
     """Single-line engine layouts to draw from."""
     backgrounds: tuple[str, ...] = ("solid", "gradient")
     """Engine background kinds to draw from."""
+    colours: tuple[str, ...] = ()
+    """Colour names text and background are drawn from (empty: every engine colour). Fewer colours make an easier
+    task, e.g. `black,white` for the demo."""
     latin_font: str = "DejaVuSans-Bold.ttf"
     """Font file (name or path) for English words."""
     cjk_font: str = "wqy-microhei.ttc"
@@ -108,13 +111,17 @@ class WordTaskConfig:
             raise ConfigError(f"--layouts {bad or '[]'}: choose from {list(SINGLE_LINE_LAYOUTS)}")
         if not self.backgrounds or any(b not in ("solid", "gradient", "noise", "texture") for b in self.backgrounds):
             raise ConfigError(f"--backgrounds {list(self.backgrounds)}: choose from solid, gradient, noise, texture")
+        unknown = [c for c in self.colours if c not in COLOURS]
+        if unknown or len(set(self.colours)) == 1:
+            raise ConfigError(f"--colours {list(self.colours)}: give two or more of {sorted(COLOURS)} (or none for all)")
         if self.caption_style not in CAPTION_STYLES:
             raise ConfigError(f"--caption-style {self.caption_style!r}: choose one of {list(CAPTION_STYLES)}")
         if not self.aspect_ratios or any(a <= 0 for a in self.aspect_ratios):
             raise ConfigError(f"--aspect-ratios must be positive numbers (got {list(self.aspect_ratios)})")
 
     def fingerprint(self) -> str:
-        settings = {k: v for k, v in asdict(self).items() if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]}
+        settings = {k: v for k, v in asdict(self).items()  # json.dumps: a list read back from task.json equals the tuple
+                    if k not in LATER_SETTINGS or json.dumps(v) != json.dumps(LATER_SETTINGS[k])}
         blob = json.dumps([FORMAT, settings], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -198,9 +205,10 @@ class WordTask:
     def draw_spec(self, word: str, seed: str) -> RenderSpec:
         cfg = self.cfg
         rng = random.Random(seed)
-        bg = rng.choice(sorted(COLOURS))
-        contrast = [n for n in sorted(COLOURS) if abs(luminance(COLOURS[n][0]) - luminance(COLOURS[bg][0])) >= cfg.min_contrast]
-        fg = rng.choice(contrast or [max(sorted(COLOURS), key=lambda n: abs(luminance(COLOURS[n][0]) - luminance(COLOURS[bg][0])))])
+        palette = sorted(cfg.colours or COLOURS)
+        bg = rng.choice(palette)
+        contrast = [n for n in palette if abs(luminance(COLOURS[n][0]) - luminance(COLOURS[bg][0])) >= cfg.min_contrast]
+        fg = rng.choice(contrast or [max((n for n in palette if n != bg), key=lambda n: abs(luminance(COLOURS[n][0]) - luminance(COLOURS[bg][0])))])
         return RenderSpec(
             text=word, language=language_of_word(word), layout=rng.choice(list(cfg.layouts)),
             background=rng.choice(list(cfg.backgrounds)), bg=bg, fg=fg, size=rng.choice(self.fitting_sizes(word)),
