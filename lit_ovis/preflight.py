@@ -112,7 +112,7 @@ RANGES: dict[str, Range] = {
 # Our callbacks' ranged arguments, by class name (their option is `--trainer.callbacks.<arg>`).
 CALLBACK_RANGES: dict[str, dict[str, Range]] = {
     "SampleGridLogger": {"every_n_steps": AT_LEAST_1, "steps": AT_LEAST_1, "guidance_scale": NON_NEGATIVE},
-    "EvalCallback": {"every_n_steps": AT_LEAST_1, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "limit": AT_LEAST_1,
+    "EvalCallback": {"every_n_steps": NON_NEGATIVE, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "limit": AT_LEAST_1,
                      "guidance_scale": NON_NEGATIVE},
     "NanGuard": {"max_consecutive": AT_LEAST_1, "check_every_n_steps": AT_LEAST_1},
     "StepLog": {"every_n_steps": AT_LEAST_1, "flush_every_n_steps": AT_LEAST_1},
