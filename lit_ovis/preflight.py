@@ -199,6 +199,21 @@ def _callbacks(cfg: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def built_by_data(cfg: Any) -> str | None:
+    """The folder the data module builds on first use (WordTaskDataModule's task, autoencoder and latents):
+    paths inside it may not exist yet when the command starts."""
+    if str(_get(cfg, "data.class_path") or "").endswith("WordTaskDataModule"):
+        return str(_get(cfg, "data.init_args.task_root") or "data/demo")
+    return None
+
+
+def _inside(path: Any, folder: str | None) -> bool:
+    if not isinstance(path, str) or not folder:
+        return False
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
 def check_callbacks(cfg: Any) -> None:
     for name, args in _callbacks(cfg):
         for key, allowed in CALLBACK_RANGES.get(name, {}).items():
@@ -209,7 +224,7 @@ def check_callbacks(cfg: Any) -> None:
             for key in ("height", "width"):
                 _check_side(_get(args, key), f"--trainer.callbacks.{key} of {name}")
         prompt_file = _get(args, "prompt_file")
-        if name == "EvalCallback" and _local_path_missing(prompt_file):
+        if name == "EvalCallback" and _local_path_missing(prompt_file) and not _inside(prompt_file, built_by_data(cfg)):
             raise ConfigError(f"--trainer.callbacks.prompt_file of EvalCallback: '{prompt_file}' does not exist; fix the path")
 
 
@@ -244,7 +259,8 @@ def check_weights_source(value: Any, option: str, presets: Mapping) -> None:
     raise ConfigError(f"{option}: '{value}' does not exist (not a local file or folder, nor a hub id such as AIDC-AI/Ovis-Image-7B); fix the path or train that stage first")
 
 
-def check_model(args: Any) -> None:
+def check_model(args: Any, built: str | None = None) -> None:
+    """built: a folder the data module builds on first use (`built_by_data`); weights inside it may not exist yet."""
     preset = _get(args, "backbone.preset")
     if preset is not None and preset not in TRANSFORMER_PRESETS and not _get(args, "backbone.pretrained"):
         raise ConfigError(f"--model.backbone.preset: unknown preset '{preset}'; choose one of {sorted(TRANSFORMER_PRESETS)}")
@@ -252,7 +268,8 @@ def check_model(args: Any) -> None:
     check_pretrained_scheduler(args)
     check_weights_source(_get(args, "sdpo.reference_pretrained"), "--model.sdpo.reference_pretrained", {})
     check_weights_source(_get(args, "encoders.text_encoder"), "--model.encoders.text_encoder", TEXT_ENCODER_PRESETS)
-    check_weights_source(_get(args, "encoders.vae"), "--model.encoders.vae", VAE_PRESETS)
+    if not _inside(_get(args, "encoders.vae"), built):
+        check_weights_source(_get(args, "encoders.vae"), "--model.encoders.vae", VAE_PRESETS)
     height, width = _get(args, "sampling.height"), _get(args, "sampling.width")
     if height is not None and width is not None:
         check_resolution(int(height), int(width), "--model.sampling.height/width")
@@ -426,7 +443,7 @@ def check_config(cfg: Any, subcommand: str | None = "fit", this_machine: bool = 
     check_values(cfg)
     check_callbacks(cfg)
     check_data(_get(cfg, "data.init_args") or {}, world, subcommand)
-    check_model(args)
+    check_model(args, built_by_data(cfg))
     check_mesh(cfg, args, world)
     if this_machine:
         check_hardware(_get(cfg, "trainer") or {})
