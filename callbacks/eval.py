@@ -66,8 +66,12 @@ class EvalCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.at_end:
             done = self._last_eval
-            metrics = done[1] if done and done[0] == trainer.global_step else self.run(trainer, pl_module)
-            self.print_summary(trainer.global_step, metrics)
+            if not (done and done[0] == trainer.global_step):
+                self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.at_end and self._last_eval is not None:  # printed last, after the progress log's closing line
+            self.print_summary(*self._last_eval)
 
     @rank_zero_only
     def print_summary(self, step: int, metrics: dict[str, float]) -> None:
