@@ -179,3 +179,14 @@ def test_preflight_lets_hub_ids_through_and_leaves_the_hardware_check_to_where_t
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--trainer.accelerator=gpu but no GPU is visible"):
             check_config(gpu_job)
+
+
+def test_last_checkpoint_holds_the_final_step_when_max_steps_is_not_a_multiple_of_the_interval(tmp_path, tiny_data):
+    # Lightning alone left `last` at step 4: its train-end save only runs when the run saved nothing before.
+    proc = tiny_run(tmp_path, tiny_data, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                    "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1",
+                    "--trainer.callbacks.save_last=true", steps=6)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=1-step=4.ckpt", "last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 6

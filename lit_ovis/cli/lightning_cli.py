@@ -110,6 +110,10 @@ class OvisCLI(LightningCLI):
         if type(getattr(trainer.strategy, "checkpoint_io", None)) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         place_checkpoints(trainer)
+        if any(getattr(cb, "save_last", False) for cb in trainer.checkpoint_callbacks):
+            from callbacks.final_checkpoint import FinalCheckpoint
+
+            trainer.callbacks.append(FinalCheckpoint())  # `last` holds the final step, whatever max_steps is
         return trainer
 
     def _resolve_ckpt_path(self) -> None:
