@@ -21,6 +21,11 @@ Resumable: a finished stage (its `done.json`) is skipped, a killed `fit` resumes
 
     python benchmarks/bench_ladder.py --task-root data/words --run runs/ladder
     python benchmarks/bench_ladder.py --sft-checkpoint runs/words_sft/checkpoints/last.ckpt   # reuse an SFT run
+    python benchmarks/bench_ladder.py --task demo --run runs/ladder_demo   # the demo's six-word task, ~30 min
+
+`--task demo` builds its own task first (under --task-root, default data/ladder_demo): the six words, sizes,
+colours and autoencoder of configs/demo.yaml with 256 held-out and 32 unseen renders, then runs every stage at
+the sizes in DEMO_PRESET (SFT 400 steps, 48 text tokens, 128x32 samples). Options given explicitly win.
 """
 
 from __future__ import annotations
@@ -49,6 +54,20 @@ GRPO_VARIANTS = {
     "group_std": [],
     "global_std": ["--model.init_args.grpo.advantages.global_std=true"],
 }
+# `--task demo`: the ladder's defaults and per-stage overrides on the demo's task (benchmarks/RESULTS.md)
+DEMO_SIZES = ("--model.init_args.encoders.max_sequence_length=48 --model.init_args.sampling.height=32 "
+              "--model.init_args.sampling.width=128")
+DEMO_PRESET = {
+    "task_root": "data/ladder_demo", "sft_steps": 400, "dpo_steps": 150, "grpo_steps": 30, "pairs": 256, "val_pairs": 32,
+    "heldout": 256, "unseen": 32, "resolution": 64,
+    "sft_overrides": f"{DEMO_SIZES} --data.resolutions=[64] --model.init_args.optimizer.lr=3e-3 "
+                     "--model.init_args.optimizer.warmup_steps=50 --model.init_args.ema.decay=0.99 --trainer.val_check_interval=200 "
+                     "--data.num_workers=0",
+    "dpo_overrides": DEMO_SIZES,
+    "grpo_overrides": f"{DEMO_SIZES} --data.batch_size=4 --model.init_args.optimizer.lr=2e-4",
+}
+WORDS_DEFAULTS = {"task_root": "data/words", "sft_steps": 3000, "dpo_steps": 300, "grpo_steps": 60, "pairs": 512, "val_pairs": 64,
+                  "heldout": 256, "unseen": 64, "resolution": 96, "sft_overrides": "", "dpo_overrides": "", "grpo_overrides": ""}
 PAIR_KEYS = ("prompts", "pairs", "dropped_small_margin", "reference_wins")
 OCR_KWARGS = json.dumps({"ocr": {"mode": "recognize", "batch_size": 32}})
 
@@ -192,26 +211,51 @@ def winner_error(record: dict) -> dict:
             "implicit_acc": last("val/implicit_acc") if "val/implicit_acc" in curves else None}
 
 
+def build_demo_task(root: Path) -> None:
+    """The demo's task (configs/demo.yaml: words, sizes, colours, autoencoder) with 256 held-out and 32 unseen renders,
+    its autoencoder and latents under `root`, as the demo's data module builds them (cached)."""
+    import yaml
+
+    from data_modules.synthetic.word_task import WordTaskConfig
+    from data_modules.word_data import ensure_word_data
+    from lit_ovis.models.autoencoder_training import AutoencoderConfig
+
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    data, encoders = demo["data"]["init_args"], demo["model"]["init_args"]["encoders"]
+    task = {k: tuple(v) if isinstance(v, list) else v for k, v in data["task"].items()}
+    ensure_word_data(root, WordTaskConfig(**{**task, "heldout_samples": 256, "unseen_samples": 32}),
+                     AutoencoderConfig(**data["autoencoder"]), text_encoder=encoders["text_encoder"],
+                     max_sequence_length=encoders["max_sequence_length"], template_cut=encoders["template_cut"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task-root", default="data/words", help="word task with autoencoder/ and latents/ (data_modules.word_data)")
+    p.add_argument("--task", default="words", choices=["words", "demo"],
+                   help="words: a task built beforehand in --task-root; demo: build the demo's six-word task and use DEMO_PRESET")
+    p.add_argument("--task-root", default=None, help="word task with autoencoder/ and latents/ (data_modules.word_data); "
+                   "default data/words, or data/ladder_demo with --task demo")
     p.add_argument("--run", default="runs/ladder")
     p.add_argument("--sft-checkpoint", default=None, help="reuse this SFT checkpoint instead of training one")
-    p.add_argument("--sft-steps", type=int, default=3000)
-    p.add_argument("--dpo-steps", type=int, default=300)
-    p.add_argument("--grpo-steps", type=int, default=60)
-    p.add_argument("--pairs", type=int, default=512, help="training prompts made into pairs")
-    p.add_argument("--val-pairs", type=int, default=64, help="held-out prompts made into pairs (winner error)")
-    p.add_argument("--heldout", type=int, default=256)
-    p.add_argument("--unseen", type=int, default=64)
-    p.add_argument("--resolution", type=int, default=96)
+    p.add_argument("--sft-steps", type=int, default=None, help="default 3000 (demo 400)")
+    p.add_argument("--dpo-steps", type=int, default=None, help="default 300 (demo 150)")
+    p.add_argument("--grpo-steps", type=int, default=None, help="default 60 (demo 30)")
+    p.add_argument("--pairs", type=int, default=None, help="training prompts made into pairs (default 512, demo 256)")
+    p.add_argument("--val-pairs", type=int, default=None, help="held-out prompts made into pairs for the winner error (default 64, demo 32)")
+    p.add_argument("--heldout", type=int, default=None, help="held-out prompts scored after each stage (default 256)")
+    p.add_argument("--unseen", type=int, default=None, help="unseen-word prompts scored after each stage (default 64, demo 32)")
+    p.add_argument("--resolution", type=int, default=None, help="prepare's resolution of the task (default 96, demo 64)")
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--dpo-variants", default="plain,report,paper")
     p.add_argument("--grpo-variants", default="group_std,global_std")
     for stage in ("sft", "dpo", "grpo"):
-        p.add_argument(f"--{stage}-overrides", default="", help=f"extra `main.py fit` arguments of the {stage.upper()} runs (one string)")
+        p.add_argument(f"--{stage}-overrides", default=None, help=f"extra `main.py fit` arguments of the {stage.upper()} runs (one string)")
     p.add_argument("--out", default=None, help="Markdown results file (default: <run>/ladder.md)")
     args = p.parse_args()
+    for key, value in (DEMO_PRESET if args.task == "demo" else WORDS_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.task == "demo":
+        build_demo_task((ROOT / args.task_root).resolve())
 
     task, run_dir = (ROOT / args.task_root).resolve(), (ROOT / args.run).resolve()
     manifests = {s: task / f"{s}.jsonl" for s in ("train", "heldout", "unseen")}

@@ -58,3 +58,23 @@ def test_ladder_chains_every_stage_from_the_previous_checkpoint(tmp_path):
     # a rerun finds every stage done and redoes no training
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
     assert again.returncode == 0 and "main.py fit" not in again.stdout and "lit_ovis eval" not in again.stdout
+
+
+def test_demo_preset_builds_the_demos_task_with_a_larger_heldout_split(tmp_path, monkeypatch):
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_ladder
+    import data_modules.word_data as word_data
+
+    seen = {}
+    monkeypatch.setattr(word_data, "ensure_word_data", lambda root, task, ae, **kw: seen.update(root=root, task=task, ae=ae, **kw))
+    bench_ladder.build_demo_task(tmp_path / "t")
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    want = demo["data"]["init_args"]["task"]
+    task = seen["task"]
+    assert (task.en_words, task.zh_words, list(task.colours), list(task.aspect_ratios)) == (
+        want["en_words"], want["zh_words"], want["colours"], want["aspect_ratios"])
+    assert (task.heldout_samples, task.unseen_samples, task.train_samples) == (256, 32, want["train_samples"])
+    assert seen["ae"].steps == demo["data"]["init_args"]["autoencoder"]["steps"]
+    assert seen["max_sequence_length"] == demo["model"]["init_args"]["encoders"]["max_sequence_length"]
