@@ -49,8 +49,7 @@ class EvalCallback(L.Callback):
         self.seed, self.batch_size = seed, batch_size
         self.kwargs = dict(steps=steps, guidance_scale=guidance_scale, height=height, width=width)
         self._last_step: int | None = None
-        self.last_counts: dict = {}
-        self._last_eval: tuple[int, dict] | None = None  # (step, metrics): the end of training reuses an eval of its step
+        self._last_eval: tuple[int, dict, int | None] | None = None  # (step, metrics, words): reused by the end of training
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step  # a resumed run does not re-run the eval of the step it resumes at
@@ -74,8 +73,7 @@ class EvalCallback(L.Callback):
             self.print_summary(*self._last_eval)
 
     @rank_zero_only
-    def print_summary(self, step: int, metrics: dict[str, float]) -> None:
-        words = self.last_counts.get("words")
+    def print_summary(self, step: int, metrics: dict[str, float], words: int | None) -> None:
         parts = [f"OCR word accuracy {metrics.get('eval/word_accuracy', float('nan')):.3f}",
                  f"NED {metrics.get('eval/ned', float('nan')):.3f}"]
         parts += [f"{lang.upper()} {metrics[f'eval/{lang}_word_accuracy']:.3f}" for lang in ("en", "zh") if f"eval/{lang}_word_accuracy" in metrics]
@@ -123,7 +121,6 @@ class EvalCallback(L.Callback):
         records = [{"language": m["language"], "scores": {n: float(raw[n][i]) for n in raw}, "ocr": details[i].get("ocr")}
                    for i, m in enumerate(meta)]
         agg = aggregate(records, list(raw))
-        self.last_counts = {k: (agg.get("all") or {}).get(k) for k in ("samples", "words")}
         metrics: dict[str, float] = {}
         for group in ("all", "en", "zh"):
             for key, value in (agg.get(group) or {}).items():
@@ -132,5 +129,5 @@ class EvalCallback(L.Callback):
                 metrics[f"eval/{key}" if group == "all" else f"eval/{group}_{key}"] = float(value)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        self._last_eval = (trainer.global_step, metrics)
+        self._last_eval = (trainer.global_step, metrics, (agg.get("all") or {}).get("words"))
         return metrics

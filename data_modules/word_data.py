@@ -84,11 +84,6 @@ class WordTaskDataModule(LatentDataModule):
                          build_timeout_s=build_timeout_s, worker_timeout_s=worker_timeout_s)
         self.task_root, self.task, self.autoencoder_cfg = Path(task_root), task, autoencoder
 
-    @property
-    def manifests(self) -> dict[str, Path]:
-        """The task's splits (train / heldout / unseen JSONL): prompt sets for `lit-ovis eval` and EvalCallback."""
-        return {split: self.task_root / f"{split}.jsonl" for split in ("train", "heldout", "unseen")}
-
     def synthetic_builder(self) -> Callable[[], WordData]:
         enc = self.encoders()
         want = self.task_root / "autoencoder"
