@@ -260,6 +260,28 @@ def load_image(path: str, conversions: list[str] | None = None) -> Image.Image:
     return _decode(path, conversions)
 
 
+def load_image_grouped(records: list[Record], multiple: int) -> tuple[dict[tuple[int, int], list[tuple[Record, np.ndarray]]], int]:
+    """Images of `records` centre-cropped to sides that are multiples of `multiple` (what a VAE with that
+    downsampling reads), grouped by (width, height) so each group stacks into one batch. Returns the groups and
+    how many records were skipped (unreadable, or smaller than `multiple` on a side)."""
+    groups: dict[tuple[int, int], list[tuple[Record, np.ndarray]]] = {}
+    skipped = 0
+    for record in records:
+        try:
+            image = load_image(record.path)
+        except Skip:
+            skipped += 1
+            continue
+        w, h = image.width // multiple * multiple, image.height // multiple * multiple
+        if w < multiple or h < multiple:
+            skipped += 1
+            continue
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        pixels = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.uint8)
+        groups.setdefault((w, h), []).append((record, pixels))
+    return groups, skipped
+
+
 def decode_image(data: bytes, conversions: list[str] | None = None) -> Image.Image:
     """`load_image` for an image held in memory (a tar member, a Parquet cell): the same checks and conversions."""
     if not data:

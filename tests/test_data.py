@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from data_modules.buckets import aspect_error, assign_bucket, make_buckets, resize_to_bucket
 from data_modules.dedup import NearDuplicateIndex, hamming
 from data_modules.prepare import PrepareConfig, prepare, shard_keys, synthetic_records
-from data_modules.records import load_image, records_from_folder
+from data_modules.records import Record, load_image, load_image_grouped, records_from_folder
 from data_modules.streaming import (
     BucketBatchSampler, BucketedLatents, LatentDataModule, batch_plan, bucket_sizes, collate, discover_buckets,
 )
@@ -115,6 +115,22 @@ def test_exif_orientation_is_applied(tmp_path):
     assert image.size == (32, 64)  # displayed portrait
     top, bottom = image.getpixel((16, 8)), image.getpixel((16, 56))
     assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # the left edge is now on top
+
+
+def test_images_for_a_vae_are_centre_cropped_grouped_and_skips_counted(tmp_path):
+    pixels = np.zeros((20, 37, 3), np.uint8)
+    pixels[2:18, 2:34] = 255  # a white box centred in a 37x20 picture: the 32x16 centre crop is all white
+    Image.fromarray(pixels).save(tmp_path / "odd.png")
+    Image.new("RGB", (64, 32)).save(tmp_path / "wide.png")
+    Image.new("RGB", (5, 40)).save(tmp_path / "thin.png")  # narrower than the multiple
+    names = ["odd.png", "wide.png", "thin.png", "missing.png", "wide.png"]
+    records = [Record(id=str(i), caption="c", path=str(tmp_path / n)) for i, n in enumerate(names)]
+    groups, skipped = load_image_grouped(records, multiple=8)
+    assert skipped == 2
+    assert sorted(groups) == [(32, 16), (64, 32)]
+    assert [r.id for r, _ in groups[(64, 32)]] == ["1", "4"]
+    (record, crop), = groups[(32, 16)]
+    assert record.id == "0" and crop.shape == (16, 32, 3) and crop.dtype == np.uint8 and (crop == 255).all()
 
 
 def _picture(seed: int) -> Image.Image:

@@ -125,26 +125,17 @@ class ImageSet:
 def load_manifest_images(manifest: str | Path, multiple: int, limit: int | None = None) -> ImageSet:
     """Images of a `lit-ovis prepare` manifest (JSONL/CSV with path, caption), centre-cropped to sides that are
     multiples of `multiple`, grouped by size. Unreadable images are skipped and counted on stderr."""
-    from data_modules.records import Skip, load_image, records_from_manifest
+    from data_modules.records import load_image_grouped, records_from_manifest
 
     records = records_from_manifest(manifest)[:limit] if limit else records_from_manifest(manifest)
-    by_size: dict[tuple[int, int], list[np.ndarray]] = {}
-    identity, skipped = [], 0
-    for r in records:
-        try:
-            image = load_image(r.path)
-        except Skip:
-            skipped += 1
-            continue
-        w, h = image.width // multiple * multiple, image.height // multiple * multiple
-        if w < multiple or h < multiple:
-            skipped += 1
-            continue
-        left, top = (image.width - w) // 2, (image.height - h) // 2
-        arr = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.uint8)
-        by_size.setdefault((w, h), []).append(arr)
-        st = os.stat(r.path)
-        identity.append([os.path.basename(r.path), st.st_size, st.st_mtime_ns])
+    grouped, skipped = load_image_grouped(records, multiple)
+    by_size = {size: [pixels for _, pixels in items] for size, items in grouped.items()}
+    kept = {id(record) for items in grouped.values() for record, _ in items}
+    identity = []  # in manifest order: the autoencoder's cache fingerprint depends on it
+    for record in records:
+        if id(record) in kept:
+            st = os.stat(record.path)
+            identity.append([os.path.basename(record.path), st.st_size, st.st_mtime_ns])
     if skipped:
         print(f"{manifest}: skipped {skipped} unreadable or too small images", file=sys.stderr)
     if not by_size:

@@ -7,7 +7,6 @@ so the originals' accuracy is the ceiling the reconstructions are compared with.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -27,21 +26,13 @@ def measure_reconstructions(vae: FluxVAE, manifest: str, ocr, batch_size: int = 
                             examples: int = 0) -> dict:
     """OCR word accuracy / NED of a manifest's images (rows with path, target_text, language) and of their
     reconstructions, plus PSNR; `examples` > 0 also returns that many (original, reconstruction) pairs."""
-    from data_modules.records import Skip, load_image, records_from_manifest
+    from data_modules.records import load_image_grouped, records_from_manifest
 
     records = records_from_manifest(manifest)
     records = records[:limit] if limit else records
     multiple = 2 * 2 ** (len(vae.vae.config.block_out_channels) - 1)
-    by_size: dict[tuple[int, int], list[tuple[np.ndarray, str, str]]] = defaultdict(list)
-    skipped = 0
-    for r in records:
-        try:
-            image = load_image(r.path)
-        except Skip:
-            skipped += 1
-            continue
-        w, h = image.width // multiple * multiple, image.height // multiple * multiple
-        by_size[(w, h)].append((np.asarray(image.crop((0, 0, w, h)), dtype=np.uint8), r.target_text, r.language))
+    grouped, skipped = load_image_grouped(records, multiple)
+    by_size = {size: [(pixels, r.target_text, r.language) for r, pixels in items] for size, items in grouped.items()}
     originals: list[WordScores] = []
     recons: list[WordScores] = []
     squared, pixels, pairs = 0.0, 0, []
