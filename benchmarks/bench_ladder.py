@@ -253,6 +253,8 @@ def main() -> None:
     p.add_argument("--grpo-variants", default="group_std,global_std")
     for stage in ("sft", "dpo", "grpo"):
         p.add_argument(f"--{stage}-overrides", default=None, help=f"extra `main.py fit` arguments of the {stage.upper()} runs (one string)")
+    p.add_argument("--seed", type=int, default=None, help="seed_everything of every training stage (default: the "
+                   "configs' 0); the held-out prompts keep their own seeds, so stages of different runs stay paired")
     p.add_argument("--out", default=None, help="Markdown results file (default: <run>/ladder.md)")
     args = p.parse_args()
     for key, value in (DEMO_PRESET if args.task == "demo" else WORDS_DEFAULTS).items():
@@ -271,6 +273,9 @@ def main() -> None:
     started = time.perf_counter()
     encoders = [f"--model.init_args.encoders.vae={task / 'autoencoder'}"]
     extra = {stage: shlex.split(getattr(args, f"{stage}_overrides")) for stage in ("sft", "dpo", "grpo")}
+    if args.seed is not None:
+        for stage_extra in extra.values():
+            stage_extra.append(f"--seed_everything={args.seed}")
     results: dict = {"args": vars(args), "stages": {}}
     stages = results["stages"]
 

@@ -31,7 +31,7 @@ def test_ladder_chains_every_stage_from_the_previous_checkpoint(tmp_path):
     cmd = [sys.executable, "benchmarks/bench_ladder.py", "--task-root", str(data.root), "--run", str(run),
            "--sft-steps", "2", "--dpo-steps", "2", "--grpo-steps", "1", "--pairs", "8", "--val-pairs", "4",
            "--heldout", "3", "--unseen", "0", "--sampling-steps", "2", "--dpo-variants", "report",
-           "--grpo-variants", "group_std",
+           "--grpo-variants", "group_std", "--seed", "3",
            "--sft-overrides", f"--data.batch_size=4 --data.val_samples_per_bucket=0 --model.init_args.sampling.steps=2 {FAST}",
            "--dpo-overrides", f"--data.batch_size=2 --model.init_args.sampling.steps=2 {FAST}",
            "--grpo-overrides", "--model.init_args.grpo.rollout.group_size=2 --model.init_args.grpo.rollout.steps=2 "
@@ -55,6 +55,8 @@ def test_ladder_chains_every_stage_from_the_previous_checkpoint(tmp_path):
     assert backbone["pretrained"] == stages[f"dpo_{results['dpo_chosen']}"]["checkpoint"]
     assert "gain_over_sft" in stages["dpo_report"] and "gain_over_dpo" in stages["grpo_group_std"]
     assert "| sft |" in (run / "ladder.md").read_text()
+    for name in stages:  # --seed reaches every stage's run (LightningCLI saves the config it ran)
+        assert "seed_everything: 3" in (run / name / "tb" / "config.yaml").read_text(), name
     # a rerun finds every stage done and redoes no training
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
     assert again.returncode == 0 and "main.py fit" not in again.stdout and "lit_ovis eval" not in again.stdout
