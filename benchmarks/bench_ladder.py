@@ -21,7 +21,8 @@ Resumable: a finished stage (its `done.json`) is skipped, a killed `fit` resumes
 
     python benchmarks/bench_ladder.py --task-root data/words --run runs/ladder
     python benchmarks/bench_ladder.py --sft-checkpoint runs/words_sft/checkpoints/last.ckpt   # reuse an SFT run
-    python benchmarks/bench_ladder.py --task demo --run runs/ladder_demo   # the demo's six-word task, ~31 min
+    python benchmarks/bench_ladder.py --task demo --run runs/ladder_demo   # the demo's six-word task, ~34 min
+    python benchmarks/bench_ladder.py --task demo --run runs/ladder_demo_s1 --seed 1   # the same with another seed
 
 `--task demo` builds its own task first (under --task-root, default data/ladder_demo): the six words, sizes,
 colours and autoencoder of configs/demo.yaml with 256 held-out and 32 unseen renders, then runs every stage at
