@@ -11,6 +11,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from helpers import StageModuleTester, run_main, tiny_stage_args, tiny_trainer
+from lit_ovis.errors import ConfigError
 from lit_ovis.losses.window import WindowConfig
 from lit_ovis.modules.config import EncoderConfig, LoRAConfig, OptimizerConfig
 from lit_ovis.modules.grpo import GRPOConfig, GRPOModule, RolloutConfig, UpdateConfig
@@ -109,6 +110,28 @@ def test_logp_change_window_scores_only_trained_steps():
     assert trained.sum() == 2 and rows_window[3] == 0  # the 2-step window was scored; the deterministic step never
     start = int(torch.nonzero(trained).flatten()[0])
     assert bool(trained[start + 1])
+
+
+def test_update_samples_trains_on_informative_rollouts_only():
+    """update.samples < rollouts: a group whose images all score the same (advantage 0) is skipped, the update
+    trains on the other group's rollouts, and each iteration still takes the configured optimizer steps."""
+    L.seed_everything(0)
+
+    def half_unanimous(images, prompts, metadata):  # "sign 0" always scores 0.5; "sign 1" its brightness
+        return torch.where(torch.tensor([p == "sign 0" for p in prompts]), 0.5, images.mean(dim=(1, 2, 3)))
+
+    m = tiny_grpo(update=dict(samples=4, batch_size=2))  # 2 prompts x group 4 = 8 rollouts, 4 trained
+    m.reward_fns = {"half": half_unanimous}
+    seen = []
+    update = m._update
+    m._update = lambda ro, traj, adv, window, opt, sched, trained: (
+        seen.append([ro["prompts"][i] for i in trained.tolist()]) or update(ro, traj, adv, window, opt, sched, trained))
+    rows = fit(m, 3)
+    assert seen == [["sign 1"] * 4] * 3
+    assert all(r["adv/informative_frac"] == 0.5 and r["adv/trained_informative_frac"] == 1.0 for r in rows)
+    assert m.global_step == 3  # 2 mini-batches of the 4 kept rollouts accumulate into 1 optimizer step
+    with pytest.raises(ConfigError, match="update.samples"):
+        tiny_grpo(update=dict(samples=-1))
 
 
 def header_command() -> list[str]:

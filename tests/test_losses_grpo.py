@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_ovis.losses.grpo import (
-    GroupStatTracker, fixed_window, gaussian_step_kl, group_advantages, kl_recipe_factor, noise_advantage_signal,
+    GroupStatTracker, fixed_window, gaussian_step_kl, group_advantages, informative_first, kl_recipe_factor, noise_advantage_signal,
     ppo_clip_loss, select_window, step_kl, update_step_scores,
 )
 from lit_ovis.errors import ConfigError
@@ -67,6 +67,30 @@ def test_a_constant_group_is_zero_next_to_a_varying_one():
     tracked = GroupStatTracker(buffer_size=32, min_count=8, eps=eps).update(keys, rewards)
     assert torch.equal(tracked[ids == 7], torch.zeros(24))
     torch.testing.assert_close(tracked[ids == 3], ((v - v.mean()) / (v.std(unbiased=False) + eps)).float())
+
+
+def test_informative_first_keeps_signal_before_zero_advantage_rollouts():
+    # 4 groups of 4: groups 0 and 2 scored unanimously (advantage exactly 0), groups 1 and 3 did not
+    ids = torch.arange(4).repeat_interleave(4)
+    rewards = torch.tensor([0.9] * 4 + [0.0, 0.5, 1.0, 1.0] + [0.2] * 4 + [0.1, 0.1, 0.3, 0.8])
+    adv = group_advantages(rewards, ids)
+    informative = (adv != 0).nonzero().squeeze(1)
+    assert informative.tolist() == [4, 5, 6, 7, 12, 13, 14, 15]
+    # exactly as many as are informative: those, in ascending order, whatever the generator
+    for seed in range(3):
+        assert informative_first(adv, 8, torch.Generator().manual_seed(seed)).tolist() == informative.tolist()
+    # more than informative: all of those plus zero-advantage rollouts to fill
+    kept = informative_first(adv, 11, torch.Generator().manual_seed(0))
+    assert set(informative.tolist()) <= set(kept.tolist()) and kept.numel() == kept.unique().numel() == 11
+    # fewer: a random subset of the informative ones, different across draws, never a zero-advantage one
+    draws = {tuple(informative_first(adv, 3, torch.Generator().manual_seed(s)).tolist()) for s in range(20)}
+    assert len(draws) > 1 and all(set(d) <= set(informative.tolist()) for d in draws)
+    # a group's rollout whose reward equals the group mean has advantage 0 and goes after the rest
+    mean_hit = group_advantages(torch.tensor([0.0, 0.5, 1.0, 0.3, 0.3, 0.3]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert informative_first(mean_hit, 2, torch.Generator().manual_seed(0)).tolist() == [0, 2]
+    assert torch.equal(informative_first(adv, 16), torch.arange(16))
+    with pytest.raises(ValueError, match="between 1 and 16"):
+        informative_first(adv, 17)
 
 
 def test_stat_tracker_uses_history_after_min_count():

@@ -6,6 +6,8 @@
   the mean of 16 x 0.42 is not 0.42, and that leftover divided by (0 + eps) gave every member -6e-4.
 - `GroupStatTracker`: per-prompt running statistics over past rollouts (Flow-GRPO's per-prompt stat tracking),
   with the same exact 0 when the statistics' rewards are all equal.
+- `informative_first`: which rollouts an update trains on when it keeps fewer than it rolled out: those with a
+  non-zero advantage first (DAPO's dynamic sampling, arXiv 2503.14476, without rolling out again).
 - `ppo_clip_loss`: the clipped surrogate of Eq. 5 as a loss, -mean(min(r A, clip(r, 1-e, 1+e) A)).
 - `gaussian_step_kl`: KL between the policy's and the reference's Gaussian step distributions, which share
   the std: KL = ||mu_theta - mu_ref||^2 / (2 std^2) (Flow-GRPO Eq. 12), reduced like the log-probs.
@@ -56,6 +58,21 @@ def normalised_advantage(value: float, reference: torch.Tensor, eps: float) -> f
     if bool(reference.max() == reference.min()):
         return 0.0
     return float((value - reference.mean()) / (reference.std(unbiased=False) + eps))
+
+
+def informative_first(advantages: torch.Tensor, keep: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of `keep` rollouts (ascending) for the update: every rollout with a non-zero advantage first (a
+    random subset of them when there are more), then zero-advantage ones to fill. A zero advantage (a group
+    whose images all scored the same) adds no policy gradient, only the KL term, so an update spent on such
+    rollouts is wasted; a fixed `keep` keeps every rank's update the same length (FSDP collectives)."""
+    n = advantages.numel()
+    if not 0 < keep <= n:
+        raise ValueError(f"informative_first keeps between 1 and {n} rollouts (all it was given), got {keep}")
+    order = torch.randperm(n, generator=generator)
+    informative = (advantages.detach().cpu()[order] != 0)
+    # a stable sort on "is zero" keeps the random order within each class
+    ranked = order[torch.sort((~informative).to(torch.int8), stable=True).indices]
+    return torch.sort(ranked[:keep]).values
 
 
 class GroupStatTracker:

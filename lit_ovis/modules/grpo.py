@@ -35,8 +35,8 @@ from typing import Any, Callable
 import torch
 
 from lit_ovis.errors import ConfigError
-from lit_ovis.losses.grpo import (KL_SCALES, GroupStatTracker, logp_change_signal, noise_advantage_signal, ppo_clip_loss,
-                                  step_kl)
+from lit_ovis.losses.grpo import (KL_SCALES, GroupStatTracker, informative_first, logp_change_signal, noise_advantage_signal,
+                                  ppo_clip_loss, step_kl)
 from lit_ovis.losses.window import TrainingWindow, WindowConfig
 from lit_ovis.models.text_encoder import text_ids
 from lit_ovis.models.vae import latent_image_ids, latent_size, unpack_latents
@@ -51,6 +51,7 @@ from lit_ovis.sampling.sde import SAMPLERS, Trajectory, sampler_step, sde_sample
 from lit_ovis.seeds import mix_seed, run_seed
 
 UPDATE_ORDER_STREAM = 1  # mix_seed index of the update's mini-batch order (rollout noise is index 0)
+SELECTION_STREAM = 2  # mix_seed index of the choice among informative rollouts (update.samples)
 
 
 @dataclass
@@ -107,6 +108,12 @@ class UpdateConfig:
     """Mini-batches of an epoch accumulate into this many optimizer steps."""
     clip_range: float = 1e-4
     """PPO clip range of the probability ratio (tiny, as Flow-GRPO: per-dimension-mean ratios move little)."""
+    samples: int = 0
+    """Rollouts per rank the update trains on; 0 trains on all of them. Fewer: those with a non-zero advantage
+    come first (DAPO's dynamic sampling without a second rollout), so with group_size x prompts above `samples`
+    the update skips groups whose images all scored the same (no policy gradient, only KL). Rollouts are cheap
+    next to the update (3 s vs 9 s per iteration on the word task), so rolling out twice as many prompts and
+    keeping half fills the update with signal."""
     kl_beta: float = 0.04
     """Weight of the KL penalty to the frozen reference (the DPO model); 0 skips the reference forward."""
     kl_scale: str = "recipe"
@@ -194,6 +201,8 @@ class GRPOModule(OvisBaseModule):
             raise ConfigError(f"--model.grpo.rollout.noise_level is CPS's eta and must lie in (0, 1], got {ro.noise_level}")
         if ro.batch_size < 1 or upd.batch_size < 1:
             raise ConfigError("--model.grpo.rollout.batch_size and --model.grpo.update.batch_size must be >= 1")
+        if upd.samples < 0:
+            raise ConfigError(f"--model.grpo.update.samples must be >= 0 (0 trains on every rollout), got {upd.samples}")
         if upd.kl_scale not in KL_SCALES:
             raise ConfigError(f"--model.grpo.update.kl_scale must be one of {KL_SCALES}, got {upd.kl_scale!r}")
         if ro.group_size < 2 and not self.grpo.advantages.per_prompt_stats:
@@ -321,14 +330,18 @@ class GRPOModule(OvisBaseModule):
         adv = global_group_advantages(reward, keys, cfg.advantages.eps, cfg.advantages.global_std, self.tracker).to(self.device)
         start, end = self.choose_window(traj, adv, keys)
         window = list(range(start, end))
+        trained = self._trained_rollouts(adv)
 
-        stats = self._update(ro, traj, adv, window, opt, sched)
+        stats = self._update(ro, traj, adv, window, opt, sched, trained)
         done = time.perf_counter()
 
         log = {"reward/mean": reward.mean(), "reward/std": reward.std(unbiased=False)}
         for name, r in per_scorer.items():
             log[f"reward/{name}_mean"], log[f"reward/{name}_std"] = r.mean(), r.std(unbiased=False)
         log.update({"adv/mean": adv.mean(), "adv/std": adv.std(unbiased=False), "adv/abs_max": adv.abs().max(),
+                    # share of rollouts with a training signal, rolled out and trained on
+                    "adv/informative_frac": (adv != 0).float().mean(),
+                    "adv/trained_informative_frac": (adv[trained] != 0).float().mean(),
                     "window/start": float(start), "window/end": float(end),
                     # wall time of the iteration's parts (host clock; on a GPU the update's tail may still be queued)
                     "time/rollout_s": scoring - started, "time/reward_s": scored - scoring, "time/update_s": done - scored,
@@ -342,9 +355,17 @@ class GRPOModule(OvisBaseModule):
         self._log_images(ro["images"], reward)
         return None
 
-    def _update(self, ro, traj: Trajectory, adv, window, opt, sched) -> dict[str, torch.Tensor]:
+    def _trained_rollouts(self, adv: torch.Tensor) -> torch.Tensor:
+        """Indices of the rollouts the update trains on (`update.samples`; all of them when 0)."""
+        keep = self.grpo.update.samples
+        if not keep:
+            return torch.arange(adv.shape[0], device=adv.device)
+        gen = torch.Generator().manual_seed(mix_seed(run_seed(), self.global_rank, self.global_step, SELECTION_STREAM))
+        return informative_first(adv, min(keep, adv.shape[0]), gen).to(adv.device)
+
+    def _update(self, ro, traj: Trajectory, adv, window, opt, sched, trained: torch.Tensor) -> dict[str, torch.Tensor]:
         upd = self.grpo.update
-        n = traj.latents.shape[0]
+        n = trained.numel()
         sigmas = traj.sigmas
         # the same permutation on every rank
         gen = torch.Generator().manual_seed(mix_seed(run_seed(), step=self.global_step, index=UPDATE_ORDER_STREAM))
@@ -357,7 +378,7 @@ class GRPOModule(OvisBaseModule):
         for _ in range(upd.inner_epochs):
             perm = torch.randperm(n, generator=gen)
             for mb, b in enumerate(range(0, n, upd.batch_size)):
-                idx = perm[b: b + upd.batch_size].to(self.device)
+                idx = trained[perm[b: b + upd.batch_size].to(self.device)]
                 steps = list(window)
                 if upd.shuffle_steps:
                     steps = [steps[i] for i in torch.randperm(len(steps), generator=gen).tolist()]
@@ -419,7 +440,9 @@ class GRPOModule(OvisBaseModule):
         experiment.add_image("rollouts", reward_grid(images[:m], rewards[:m], nrow=self.grpo.rollout.group_size), self.global_step)
 
     def _opt_steps_per_iter(self, n: int) -> int:
+        """Optimizer steps of one iteration with n rollouts per rank."""
         upd = self.grpo.update
+        n = min(n, upd.samples) if upd.samples else n
         n_mb = -(-n // upd.batch_size)
         accumulate = -(-n_mb // max(1, min(upd.optimizer_steps_per_epoch, n_mb)))
         return upd.inner_epochs * -(-n_mb // accumulate)
