@@ -112,8 +112,9 @@ class UpdateConfig:
     """Rollouts per rank the update trains on; 0 trains on all of them. Fewer: those with a non-zero advantage
     come first (DAPO's dynamic sampling without a second rollout), so with group_size x prompts above `samples`
     the update skips groups whose images all scored the same (no policy gradient, only KL). Rollouts are cheap
-    next to the update (3 s vs 9 s per iteration on the word task), so rolling out twice as many prompts and
-    keeping half fills the update with signal."""
+    next to the update (3 s vs 9 s per iteration on the demo's task), so rolling out twice as many prompts and
+    keeping half fills the update with signal; on the demo ladder that did not add held-out words
+    (benchmarks/RESULTS.md)."""
     kl_beta: float = 0.04
     """Weight of the KL penalty to the frozen reference (the DPO model); 0 skips the reference forward."""
     kl_scale: str = "recipe"
@@ -357,11 +358,15 @@ class GRPOModule(OvisBaseModule):
 
     def _trained_rollouts(self, adv: torch.Tensor) -> torch.Tensor:
         """Indices of the rollouts the update trains on (`update.samples`; all of them when 0)."""
-        keep = self.grpo.update.samples
-        if not keep:
-            return torch.arange(adv.shape[0], device=adv.device)
+        n = adv.shape[0]
+        if self._trained_count(n) == n:
+            return torch.arange(n, device=adv.device)
         gen = torch.Generator().manual_seed(mix_seed(run_seed(), self.global_rank, self.global_step, SELECTION_STREAM))
-        return informative_first(adv, min(keep, adv.shape[0]), gen).to(adv.device)
+        return informative_first(adv, self._trained_count(n), gen).to(adv.device)
+
+    def _trained_count(self, n: int) -> int:
+        """How many of n rollouts per rank the update trains on."""
+        return min(n, self.grpo.update.samples) if self.grpo.update.samples else n
 
     def _update(self, ro, traj: Trajectory, adv, window, opt, sched, trained: torch.Tensor) -> dict[str, torch.Tensor]:
         upd = self.grpo.update
@@ -442,7 +447,7 @@ class GRPOModule(OvisBaseModule):
     def _opt_steps_per_iter(self, n: int) -> int:
         """Optimizer steps of one iteration with n rollouts per rank."""
         upd = self.grpo.update
-        n = min(n, upd.samples) if upd.samples else n
+        n = self._trained_count(n)
         n_mb = -(-n // upd.batch_size)
         accumulate = -(-n_mb // max(1, min(upd.optimizer_steps_per_epoch, n_mb)))
         return upd.inner_epochs * -(-n_mb // accumulate)
