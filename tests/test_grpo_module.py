@@ -229,8 +229,6 @@ class TestGRPOStage(StageModuleTester):
 
 
 def test_kl_scale_defaults_to_the_published_recipe_and_refuses_unknown_values():
-    from lit_ovis.errors import ConfigError
-
     assert UpdateConfig().kl_scale == "recipe"  # published kl_beta values (Flow-GRPO, FlowCPS) port unchanged
     assert "kl_scale" not in yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["grpo"]["update"]  # the config keeps it
     with pytest.raises(ConfigError, match="grpo.update.kl_scale must be one of"):

@@ -359,10 +359,11 @@ class GRPOModule(OvisBaseModule):
     def _trained_rollouts(self, adv: torch.Tensor) -> torch.Tensor:
         """Indices of the rollouts the update trains on (`update.samples`; all of them when 0)."""
         n = adv.shape[0]
-        if self._trained_count(n) == n:
+        keep = self._trained_count(n)
+        if keep == n:
             return torch.arange(n, device=adv.device)
         gen = torch.Generator().manual_seed(mix_seed(run_seed(), self.global_rank, self.global_step, SELECTION_STREAM))
-        return informative_first(adv, self._trained_count(n), gen).to(adv.device)
+        return informative_first(adv, keep, gen).to(adv.device)
 
     def _trained_count(self, n: int) -> int:
         """How many of n rollouts per rank the update trains on."""
