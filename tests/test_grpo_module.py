@@ -134,6 +134,15 @@ def test_update_samples_trains_on_informative_rollouts_only():
         tiny_grpo(update=dict(samples=-1))
 
 
+def test_optimizer_steps_per_epoch_is_capped_at_the_mini_batch_count():
+    """8 rollouts in mini-batches of 4 make 2 mini-batches: asking for 4 steps per epoch takes 2, and says so."""
+    m = tiny_grpo(update=dict(batch_size=4, inner_epochs=3, optimizer_steps_per_epoch=2))
+    assert m._opt_steps_per_iter(8) == 6
+    m = tiny_grpo(update=dict(batch_size=4, inner_epochs=3, optimizer_steps_per_epoch=4))
+    with pytest.warns(UserWarning, match="optimizer_steps_per_epoch=4 is more than the 2 mini-batches"):
+        assert m._opt_steps_per_iter(8) == 6
+
+
 def header_command() -> list[str]:
     """The tiny CPU command documented in configs/grpo.yaml's header, as arguments after `python main.py`."""
     import shlex

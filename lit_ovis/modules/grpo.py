@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_ovis.errors import ConfigError
 from lit_ovis.losses.grpo import (KL_SCALES, GroupStatTracker, informative_first, logp_change_signal, noise_advantage_signal,
@@ -105,7 +106,9 @@ class UpdateConfig:
     inner_epochs: int = 1
     """Passes over the stored rollouts per iteration."""
     optimizer_steps_per_epoch: int = 1
-    """Mini-batches of an epoch accumulate into this many optimizer steps."""
+    """Mini-batches of an epoch accumulate into this many optimizer steps; at most the epoch's mini-batch count
+    (rollouts trained per rank / batch_size): a larger value is capped there, with a warning, and the iteration
+    count of trainer.max_steps follows the capped value."""
     clip_range: float = 1e-4
     """PPO clip range of the probability ratio (tiny, as Flow-GRPO: per-dimension-mean ratios move little)."""
     samples: int = 0
@@ -450,5 +453,9 @@ class GRPOModule(OvisBaseModule):
         upd = self.grpo.update
         n = self._trained_count(n)
         n_mb = -(-n // upd.batch_size)
+        if upd.optimizer_steps_per_epoch > n_mb:
+            rank_zero_warn(f"--model.grpo.update.optimizer_steps_per_epoch={upd.optimizer_steps_per_epoch} is more than the "
+                           f"{n_mb} mini-batches of {upd.batch_size} rollouts an epoch has: {n_mb} steps per epoch are taken, so "
+                           "trainer.max_steps covers more iterations than the setting suggests")
         accumulate = -(-n_mb // max(1, min(upd.optimizer_steps_per_epoch, n_mb)))
         return upd.inner_epochs * -(-n_mb // accumulate)
