@@ -381,8 +381,7 @@ class GRPOModule(OvisBaseModule):
         acc: dict[str, list[torch.Tensor]] = {}
         logp_change = torch.zeros(traj.log_probs.shape[1])
         logp_count = torch.zeros_like(logp_change)
-        n_mb = -(-n // upd.batch_size)
-        accumulate = -(-n_mb // max(1, min(upd.optimizer_steps_per_epoch, n_mb)))
+        n_mb, accumulate = self._mini_batches(n)
         guidance = self.rollout_cfg.guidance_scale
         for _ in range(upd.inner_epochs):
             perm = torch.randperm(n, generator=gen)
@@ -448,14 +447,17 @@ class GRPOModule(OvisBaseModule):
         m = min(self.grpo.log_images_max, images.shape[0])
         experiment.add_image("rollouts", reward_grid(images[:m], rewards[:m], nrow=self.grpo.rollout.group_size), self.global_step)
 
-    def _opt_steps_per_iter(self, n: int) -> int:
-        """Optimizer steps of one iteration with n rollouts per rank."""
+    def _mini_batches(self, trained: int) -> tuple[int, int]:
+        """(mini-batches per epoch, mini-batches accumulated per optimizer step) for `trained` rollouts per rank."""
         upd = self.grpo.update
-        n = self._trained_count(n)
-        n_mb = -(-n // upd.batch_size)
+        n_mb = -(-trained // upd.batch_size)
         if upd.optimizer_steps_per_epoch > n_mb:
             rank_zero_warn(f"--model.grpo.update.optimizer_steps_per_epoch={upd.optimizer_steps_per_epoch} is more than the "
                            f"{n_mb} mini-batches of {upd.batch_size} rollouts an epoch has: {n_mb} steps per epoch are taken, so "
                            "trainer.max_steps covers more iterations than the setting suggests")
-        accumulate = -(-n_mb // max(1, min(upd.optimizer_steps_per_epoch, n_mb)))
-        return upd.inner_epochs * -(-n_mb // accumulate)
+        return n_mb, -(-n_mb // max(1, min(upd.optimizer_steps_per_epoch, n_mb)))
+
+    def _opt_steps_per_iter(self, n: int) -> int:
+        """Optimizer steps of one iteration with n rollouts per rank."""
+        n_mb, accumulate = self._mini_batches(self._trained_count(n))
+        return self.grpo.update.inner_epochs * -(-n_mb // accumulate)
