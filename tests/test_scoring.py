@@ -161,6 +161,33 @@ def test_fast_recognition_path_reads_rendered_words_in_batches():
         build_scorer("ocr", mode="fast")
 
 
+def test_likelihood_metric_is_a_dense_ocr_reward_from_the_same_read():
+    """metric='likelihood': the recogniser's per-character CTC probability of the target, from the one ONNX
+    call that also gives the reading; high for the rendered word, near zero for another word, falling as the
+    text dissolves, while the discrete reward stays tied at first."""
+    from PIL import ImageFilter
+
+    from data_modules.synthetic.word_task import WordTask, WordTaskConfig
+
+    dense = build_scorer("ocr", mode="recognize", batch_size=16, metric="likelihood")
+    task = WordTask(WordTaskConfig(en_words=8, zh_words=4, heldout_samples=16))
+    samples = [s for _, s in task.samples("heldout")]
+    images, meta = [s.image for s in samples], [{"target_text": s.text} for s in samples]
+    calls, session = [], dense.engine.text_rec.session
+    dense.engine.text_rec.session = lambda batch: calls.append(len(batch)) or session(batch)
+    right, details = dense.score_with_details(images, [""] * 16, meta)
+    assert calls == [16]
+    assert torch.allclose(right, torch.tensor([d["likelihood"] for d in details]))
+    assert {"reward", "word_accuracy", "ocr_text"} <= set(details[0])
+    assert right.median() > 0.9 and ((right > 0) & (right <= 1)).all()
+    wrong = dense.score(images, [""] * 16, [{"target_text": "zebra"}] * 16)
+    assert wrong.max() < 0.01
+    gone = dense.score([im.filter(ImageFilter.GaussianBlur(8)) for im in images], [""] * 16, meta)
+    assert gone.mean() < 0.5 * right.mean()
+    with pytest.raises(ValueError, match="mode='recognize'"):
+        build_scorer("ocr", metric="likelihood")
+
+
 def test_text_band_crops_to_the_text_and_keeps_plain_images():
     from lit_ovis.scoring.ocr import text_band
 

@@ -143,7 +143,9 @@ class GRPOConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"ocr": 1.0})
     """Scorer name -> weight of the reward ensemble (`lit_ovis.scoring` registry)."""
     reward_kwargs: dict[str, dict] = field(default_factory=dict)
-    """Scorer name -> constructor arguments, e.g. {clip: {model_path: ...}}."""
+    """Scorer name -> constructor arguments, e.g. {clip: {model_path: ...}}; {ocr: {mode: recognize, metric:
+    likelihood}} rewards the recogniser's per-character probability of the target text (dense) instead of the
+    reading's word-similarity F1 (`metric: reward`, the default)."""
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     """Group-normalised advantages."""
     window: WindowConfig = field(default_factory=WindowConfig)

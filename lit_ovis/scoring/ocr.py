@@ -17,7 +17,11 @@ colour), so a word in the middle of a square image reaches the recogniser at its
 
 One OCR read per image gives every text metric (`measure`): the CVTG-2K word counts (word accuracy, per-word
 NED), the LongText-Bench unit matches and the GRPO reward, all from `lit_ovis.scoring.metrics`, against
-`metadata["target_text"]`. `score` returns the metric chosen by `metric` (default: the GRPO reward)."""
+`metadata["target_text"]`. `score` returns the metric chosen by `metric` (default: the GRPO reward).
+
+`metric="likelihood"` (recognize mode) is the dense alternative to the reading's reward: the recogniser's CTC
+probability of the target text per character (`lit_ovis.scoring.ctc`), from the same ONNX call as the reading.
+It still rises when a misread character gets sharper, so GRPO groups whose readings tie still rank."""
 
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ import numpy as np
 import torch
 
 from lit_ovis.scoring.base import Scorer, register, to_pil
+from lit_ovis.scoring.ctc import label_columns, per_character_likelihood
 from lit_ovis.scoring.metrics import language_of, ocr_reward, text_match, word_scores
 
-METRICS = ("reward", "word_accuracy", "ned", "text_accuracy")
+METRICS = ("reward", "word_accuracy", "ned", "text_accuracy", "likelihood")
 MODES = ("detect", "recognize")
 
 
@@ -111,14 +116,15 @@ class OCRScorer(Scorer):
             raise ValueError(f"OCRScorer.metric must be one of {METRICS}, got {metric!r}")
         if mode not in MODES:
             raise ValueError(f"OCRScorer.mode must be one of {MODES}, got {mode!r}")
+        if metric == "likelihood" and mode != "recognize":
+            raise ValueError("OCRScorer.metric='likelihood' reads each image as one text line: set mode='recognize'")
         from rapidocr_onnxruntime import RapidOCR
 
         self.engine = RapidOCR()
         rec = self.engine.text_rec
         if space_threshold is not None:  # None: rapidocr's plain decoding
             rec.postprocess_op = SpaceRecoveringDecode(rec.postprocess_op, space_threshold)
-        if mode == "recognize":  # one ONNX call per scorer batch instead of rapidocr's batches of 6
-            rec.rec_batch_num = max(batch_size, 1)
+        self.index = {c: i for i, c in enumerate(rec.postprocess_op.character) if i}  # 0 is the CTC blank
         self.min_confidence = min_confidence
         self.metric = metric
         self.mode = mode
@@ -126,7 +132,7 @@ class OCRScorer(Scorer):
     def read(self, images) -> list[str]:
         pil = to_pil(images)
         if self.mode == "recognize":
-            return self.recognize([np.asarray(im) for im in pil])
+            return [text for text, _ in self.recognize([np.asarray(im) for im in pil])]
         texts = []
         for im in pil:
             result, _ = self.engine(np.asarray(im))
@@ -134,15 +140,36 @@ class OCRScorer(Scorer):
             texts.append(reading_order(result))
         return texts
 
-    def recognize(self, arrays: list[np.ndarray]) -> list[str]:
-        """Each image as one text line: crop to its text band, recognise in batches (no detection)."""
+    def recognize(self, arrays: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        """Each image as one text line: crop to its text band, recognise `batch_size` crops per ONNX call
+        (sorted by width, as rapidocr batches, so little padding). Returns (reading, frame probabilities [T, C])."""
+        rec = self.engine.text_rec
         crops = [np.ascontiguousarray(text_band(a)) for a in arrays]
-        results, _ = self.engine.text_rec(crops)
-        return [text if score >= self.min_confidence else "" for text, score in results]
+        ratios = [c.shape[1] / c.shape[0] for c in crops]
+        order = np.argsort(ratios, kind="stable")
+        out: list[tuple[str, np.ndarray]] = [("", np.zeros((0, 0)))] * len(crops)
+        _, height, width = rec.rec_image_shape[:3]
+        for start in range(0, len(crops), max(self.batch_size, 1)):
+            chunk = order[start: start + max(self.batch_size, 1)]
+            widest = max([width / height] + [ratios[i] for i in chunk])
+            batch = np.stack([rec.resize_norm_img(crops[i], widest) for i in chunk]).astype(np.float32)
+            probs = rec.session(batch)[0]
+            readings = rec.postprocess_op(probs, False, wh_ratio_list=[ratios[i] for i in chunk], max_wh_ratio=widest)
+            for row, i in enumerate(chunk):
+                text, confidence = readings[row][:2]
+                out[i] = (text if confidence >= self.min_confidence else "", probs[row])
+        return out
 
     def measure(self, images, metadata) -> list[dict]:
-        """One OCR read per image -> all metrics against each sample's target text."""
-        return [text_metrics(t, m.get("target_text", ""), m.get("language")) for t, m in zip(self.read(images), metadata)]
+        """One OCR read per image -> all metrics against each sample's target text (and, in recognize mode,
+        the recogniser's per-character likelihood of it)."""
+        targets = [(m.get("target_text", ""), m.get("language")) for m in metadata]
+        if self.mode == "detect":
+            return [text_metrics(t, target, lang) for t, (target, lang) in zip(self.read(images), targets)]
+        readings = self.recognize([np.asarray(im) for im in to_pil(images)])
+        return [{**text_metrics(text, target, lang),
+                 "likelihood": per_character_likelihood(probs, label_columns(target, self.index))}
+                for (text, probs), (target, lang) in zip(readings, targets)]
 
     def _score_batch_with_details(self, images, prompts, metadata):
         details = self.measure(images, metadata)
