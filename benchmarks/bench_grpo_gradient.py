@@ -22,7 +22,6 @@ the same magnitudes and no signal.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -36,19 +35,18 @@ from lit_ovis.sampling.generate import initial_noise, latent_channels_of
 from lit_ovis.sampling.ode import sigma_schedule, velocity
 from lit_ovis.sampling.sde import sampler_step, sde_sample
 from lit_ovis.scoring import build_scorer
+from lit_ovis.scoring.prompt_sets import read_prompt_set
 
 REWARDS = ("ocr reward", "ocr likelihood", "brightness", "shuffled (control)")
 
 
 def unique_prompts(path: str, limit: int) -> list[dict]:
+    """The first `limit` distinct prompts of a prompt file (any format `read_prompt_set` reads)."""
     rows, seen = [], set()
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            prompt = row.get("prompt") or row["caption"]
-            if prompt not in seen:
-                seen.add(prompt)
-                rows.append({"prompt": prompt, "target_text": row.get("target_text", ""), "language": row.get("language")})
+    for item in read_prompt_set(path):
+        if item["prompt"] not in seen:
+            seen.add(item["prompt"])
+            rows.append(item)
     return rows[:limit]
 
 
@@ -126,7 +124,7 @@ def snr(batch_grads: list[torch.Tensor], rollouts_per_batch: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="the policy (e.g. the SDPO checkpoint GRPO starts from)")
-    p.add_argument("--prompt-file", required=True, help="JSONL with prompt (or caption), target_text, language")
+    p.add_argument("--prompt-file", required=True, help="prompts with target texts (e.g. the word task's train.jsonl)")
     p.add_argument("--prompts", type=int, default=12, help="distinct prompts per batch")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
     p.add_argument("--batches", type=int, default=6, help="independent rollout batches (>= 2)")

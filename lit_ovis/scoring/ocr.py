@@ -149,8 +149,9 @@ class OCRScorer(Scorer):
         order = np.argsort(ratios, kind="stable")
         out: list[tuple[str, np.ndarray]] = [("", np.zeros((0, 0)))] * len(crops)
         _, height, width = rec.rec_image_shape[:3]
-        for start in range(0, len(crops), max(self.batch_size, 1)):
-            chunk = order[start: start + max(self.batch_size, 1)]
+        per_call = max(self.batch_size, 1)
+        for start in range(0, len(crops), per_call):
+            chunk = order[start: start + per_call]
             widest = max([width / height] + [ratios[i] for i in chunk])
             batch = np.stack([rec.resize_norm_img(crops[i], widest) for i in chunk]).astype(np.float32)
             probs = rec.session(batch)[0]
