@@ -7,9 +7,8 @@ independent batches of rollouts (fresh noise, same prompts and checkpoint) this 
 - |mu|^2 as the mean dot product of two different batches' gradients (unbiased: their noises are independent);
 - v / N as the mean squared norm of one batch's gradient minus that.
 It reports the mean cosine between two batches' gradients (1 would be a clean direction, 0 pure noise), with a
-jackknife standard error over batches, and the
-rollouts per optimizer step at which the expected cosine to mu reaches 0.7 (signal and noise of equal norm:
-N * (v / N) / |mu|^2). The rewards share the same rollouts: the OCR reading's word-similarity F1 (`metric:
+jackknife standard error over batches, and the rollouts per optimizer step at which the expected cosine to mu
+reaches 0.7 (signal and noise of equal norm: N * (v / N) / |mu|^2). The rewards share the same rollouts: the OCR reading's word-similarity F1 (`metric:
 reward`), the recogniser's per-character likelihood of the target (`metric: likelihood`), and brightness
 (the easy reward of the unit tests), plus a control whose advantages are shuffled within each group, so it has
 the same magnitudes and no signal.
@@ -103,11 +102,11 @@ def snr(batch_grads: list[torch.Tensor], rollouts_per_batch: int) -> dict:
     noise = dots.diagonal().mean().item() - signal  # v / N
     norms = dots.diagonal().sqrt()
     both = off & (norms[:, None] > 0) & (norms[None, :] > 0)  # a batch whose groups were all unanimous has no gradient
-    cos = (dots / (norms[:, None] * norms[None, :]).clamp_min(1e-300))[both]
+    cosines = dots / (norms[:, None] * norms[None, :]).clamp_min(1e-300)
+    cos = cosines[both]
     out = {"cos_mean": cos.mean().item() if cos.numel() else 0.0, "cos_sd": cos.std().item() if cos.numel() > 1 else 0.0,
            "signal": signal, "noise": noise, "cos_se": float("nan")}
     if b >= 3:  # jackknife over batches: pairs that share a batch are not independent
-        cosines = dots / (norms[:, None] * norms[None, :]).clamp_min(1e-300)
         leave_out = []
         for j in range(b):
             rest = both.clone()
