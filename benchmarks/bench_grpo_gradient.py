@@ -76,6 +76,7 @@ def batch_gradients(module, traj, cond, advantages: dict[str, torch.Tensor], arg
     steps = [k for k in range(traj.std.numel()) if traj.std[k] > 0]
     n = traj.latents.shape[0]
     guidance = module.sampling_cfg.guidance_scale
+    names = list(advantages)
     started = time.perf_counter()
     for b in range(0, n, args.update_batch):
         idx = slice(b, b + args.update_batch)
@@ -85,7 +86,6 @@ def batch_gradients(module, traj, cond, advantages: dict[str, torch.Tensor], arg
                          cond["negative"][idx], guidance_scale=guidance)
             log_prob = sampler_step("cps", x, v, traj.sigmas[k], traj.sigmas[k + 1], noise_level=args.noise_level,
                                     prev_sample=x_next, reduce="mean").log_prob
-            names = list(advantages)
             for j, name in enumerate(names):
                 g = torch.autograd.grad((advantages[name][idx] * log_prob).sum() / (n * len(steps)), params,
                                         retain_graph=j < len(names) - 1, allow_unused=True)
@@ -143,9 +143,11 @@ def main() -> None:
     module.backbone.requires_grad_(True)
     rows = unique_prompts(args.prompt_file, args.prompts)
     prompts = [r["prompt"] for r in rows]
+    rollout_prompts = [p for p in prompts for _ in range(args.group_size)]
     metadata = [{"target_text": r["target_text"], "language": r["language"]} for r in rows for _ in range(args.group_size)]
     keys = torch.arange(len(rows)).repeat_interleave(args.group_size)
     ocr = build_scorer("ocr", mode="recognize", metric="likelihood", batch_size=64)
+    brightness = build_scorer("brightness", batch_size=len(rows) * args.group_size)
     shuffle = torch.Generator().manual_seed(1)
     per_reward: dict[str, list[torch.Tensor]] = {name: [] for name in REWARDS}
     means: dict[str, list[float]] = {name: [] for name in REWARDS[:3]}
@@ -154,10 +156,10 @@ def main() -> None:
         started = time.perf_counter()
         traj, images, cond = rollouts(module, prompts, args, seed=10_000 + batch)
         seconds["rollout"] += time.perf_counter() - started
-        _, details = ocr.score_with_details(images, [m["target_text"] for m in metadata], metadata)
+        _, details = ocr.score_with_details(images, rollout_prompts, metadata)
         rewards = {"ocr reward": torch.tensor([d["reward"] for d in details]),
                    "ocr likelihood": torch.tensor([d["likelihood"] for d in details]),
-                   "brightness": (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).flatten(1).mean(1)}
+                   "brightness": brightness.score(images, rollout_prompts)}
         adv = {name: group_advantages(r, keys) for name, r in rewards.items()}
         perm = torch.cat([g * args.group_size + torch.randperm(args.group_size, generator=shuffle) for g in range(len(rows))])
         adv["shuffled (control)"] = adv["ocr reward"][perm]
